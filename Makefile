@@ -1,0 +1,40 @@
+# Two commands do all set-up on a fresh machine:  `make demo`  (main job)  and  `make test`.
+# torch is installed first and pinned (`TORCH_SPEC`): on a machine with a local CPU wheel of that version
+# pip takes it (fast, no multi-GB CUDA download); on a GPU machine the same pin resolves to PyPI's CUDA
+# build. Override with e.g. `make TORCH_SPEC="torch==2.13.0 --index-url <your wheel index>" test`.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-all lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[dev,lora]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Main job on the embedded default: sample the shipped base model on the built-in demo prompts and
+# score the images with the Shapes oracle (becomes the GRPO demo when `qirl grpo` lands).
+demo: $(STAMP)
+	$(BIN)/qirl sample --model base --prompts demo --out runs/demo
+	$(BIN)/qirl score runs/demo
+
+test: $(STAMP)
+	$(BIN)/pytest -q
+
+test-all: $(STAMP)
+	$(BIN)/pytest -q -m "not gpu"
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_kernels.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,163 @@
+"""The `qirl` command line: parse arguments, load the recipe, call the library, render its metrics.
+
+No training logic lives here. User mistakes (`UserError`) end as one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from qirl.errors import UserError
+
+from .render import err_console, live_metrics, print_summary
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+app = typer.Typer(
+    name="qirl",
+    help="Post-train flow-matching image models with RL (the Qwen-Image-2.0-RL pipeline).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print the final summary as JSON on stdout.")]
+Overrides = Annotated[list[str] | None, typer.Argument(help="Recipe overrides, key=value (e.g. train.lr=1e-4).")]
+
+
+def user_errors(fn: F) -> F:
+    """Turn `UserError` into one line and exit 2; a bug keeps its traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except UserError as err:
+            err_console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted; the last checkpoint is intact (resume with --resume)")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@app.callback()
+def _setup(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level.")] = False,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice).")] = None,
+) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+@app.command()
+@user_errors
+def pretrain(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML (e.g. recipes/pretrain.yaml).")],
+    overrides: Overrides = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in run.out_dir from its last checkpoint.")] = False,
+    quiet: Quiet = False,
+    json_out: AsJson = False,
+) -> None:
+    """Flow-matching pretraining of the tiny unified DiT on the Shapes world (T2I + edit)."""
+    from qirl.config import load_recipe
+    from qirl.pretrain import PretrainRecipe, pretrain as run
+
+    cfg = load_recipe(PretrainRecipe, recipe, overrides)
+    summary = live_metrics(run(cfg, resume=resume), "pretrain", quiet or json_out)
+    print_summary(summary, json_out, "pretrain")
+
+
+@app.command()
+@user_errors
+def sample(
+    model: Annotated[str, typer.Option(help="'base' (shipped), a run directory or a checkpoint folder.")] = "base",
+    prompts: Annotated[
+        str | None, typer.Option(help="Prompt JSONL, or a built-in set: heldout-t2i, heldout-edit, demo.")
+    ] = None,
+    prompt: Annotated[list[str] | None, typer.Option(help="A T2I prompt (repeatable).")] = None,
+    source: Annotated[Path | None, typer.Option(help="Source image for --prompt edits (makes them edits).")] = None,
+    out: Annotated[Path, typer.Option(help="Output folder (images, grid.png, samples.jsonl).")] = Path("runs/samples"),
+    per_prompt: Annotated[int, typer.Option(help="Images per prompt (different noise).")] = 1,
+    limit: Annotated[int | None, typer.Option(help="Use only the first N prompts.")] = None,
+    steps: Annotated[int, typer.Option(help="Euler ODE steps.")] = 20,
+    guidance: Annotated[float, typer.Option(help="CFG scale (1 = no guidance).")] = 3.0,
+    shift: Annotated[float, typer.Option(help="Flow-matching time shift.")] = 1.0,
+    seed: int = 0,
+    batch_size: int = 64,
+    quiet: Quiet = False,
+    json_out: AsJson = False,
+) -> None:
+    """Generate images (T2I) or edits (instruction + source) and a grid from a model."""
+    from qirl.data import PromptRecord
+    from qirl.samples import SampleOptions, generate, resolve_prompts
+
+    if prompt:
+        if prompts:
+            raise UserError("give --prompts or --prompt, not both")
+        task = "edit" if source is not None else "t2i"
+        records = [PromptRecord(prompt=p, task=task, source=str(source) if source else None) for p in prompt]
+    else:
+        records = resolve_prompts(prompts or "demo")
+    if limit is not None:
+        records = records[:limit]
+    opts = SampleOptions(
+        steps=steps, guidance=guidance, shift=shift, seed=seed, per_prompt=per_prompt, batch_size=batch_size
+    )
+    summary = live_metrics(generate(model, records, out, opts), "sample", quiet or json_out)
+    print_summary(summary, json_out, "sample")
+
+
+@app.command()
+@user_errors
+def score(
+    samples: Annotated[Path, typer.Argument(help="A folder written by `qirl sample` (with samples.jsonl).")],
+    quiet: Quiet = False,
+    json_out: AsJson = False,
+) -> None:
+    """Score generated images with the Shapes oracle (pillars for T2I; success/preservation for edits).
+
+    Writes scores.jsonl beside the images and prints per-task, per-pillar means.
+    """
+    from qirl.samples import score_folder
+
+    summary = live_metrics(score_folder(samples), "score", quiet or json_out)
+    print_summary(summary, json_out, "oracle scores")
+
+
+def _not_yet(name: str, issue: int) -> Callable[..., None]:
+    def command(args: Annotated[list[str] | None, typer.Argument(help="Arguments (not used yet).")] = None) -> None:
+        err_console.print(f"qirl {name}: not yet available (tracked in issue #{issue})")
+        raise typer.Exit(2)
+
+    command.__doc__ = f"[not yet available: issue #{issue}]"
+    return command
+
+
+app.command("curate")(_not_yet("curate", 5))
+app.command("grpo")(_not_yet("grpo", 5))
+app.command("distill")(_not_yet("distill", 6))
+app.command("eval")(_not_yet("eval", 7))
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app()
+
+
+if __name__ == "__main__":
+    main()

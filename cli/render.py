@@ -1,0 +1,71 @@
+"""Rendering of metric generators: a rich progress bar with live metrics, or JSON, or nothing.
+
+Every long qirl command is a library generator that yields metric dicts (spaCy's pattern); the CLI alone
+decides how they are shown. A dict with `"done": True` is the final summary.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+err_console = Console(stderr=True)
+out_console = Console()
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def live_metrics(stream: Iterator[dict[str, Any]], title: str, quiet: bool = False) -> dict[str, Any]:
+    """Consume a metrics stream; show progress unless quiet; return the final summary.
+
+    Metrics with `step` and `total` drive the bar; their other scalar keys are shown beside it.
+    """
+    summary: dict[str, Any] = {}
+    if quiet:
+        for item in stream:
+            if item.get("done"):
+                summary = item
+        return summary
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[metrics]}"),
+    )
+    with Progress(*columns, console=err_console, transient=False) as progress:
+        task = progress.add_task(title, total=None, metrics="")
+        for item in stream:
+            if item.get("done"):
+                summary = item
+                continue
+            shown = "  ".join(
+                f"{k}={_fmt(v)}" for k, v in item.items() if k not in ("step", "total", "event") and not isinstance(v, (dict, list))
+            )
+            progress.update(task, completed=item.get("step", 0), total=item.get("total"), metrics=shown)
+    return summary
+
+
+def print_summary(summary: dict[str, Any], as_json: bool, title: str) -> None:
+    """The final summary: JSON on stdout for machines, or a table for people."""
+    clean = {k: v for k, v in summary.items() if k != "done"}
+    if as_json:
+        sys.stdout.write(json.dumps(clean, indent=1, default=str) + "\n")
+        return
+    table = Table(title=title, show_header=False)
+    for key, value in clean.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={_fmt(v)}" for k, v in value.items())
+        table.add_row(key, _fmt(value))
+    out_console.print(table)

@@ -1,0 +1,80 @@
+"""Recipes: YAML files plus `key=value` overrides, loaded into typed dataclasses.
+
+A recipe is the single description of a run (torchtune style): the YAML file holds the defaults a user
+edits, the command line holds the few keys changed for one run (`qirl pretrain recipes/pretrain.yaml
+train.lr=3e-4`). OmegaConf does the merging and type checking against the dataclass schema; this module
+only turns its exceptions into one-line `UserError`s that name the file and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from qirl.errors import UserError
+
+T = TypeVar("T")
+
+
+def _omegaconf_message(err: OmegaConfBaseException) -> str:
+    """The first line of OmegaConf's message, which already names the key and the expected type."""
+    key = getattr(err, "full_key", None)
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return f"{first} (key '{key}')" if key and key not in first else first
+
+
+def load_recipe(schema: type[T], path: str | Path | None, overrides: list[str] | None = None) -> T:
+    """Load `path` (YAML) over the defaults of `schema`, then apply `key=value` overrides.
+
+    Unknown keys, wrong types, a missing file and malformed YAML all raise `UserError` naming the file
+    and the key, so the CLI can print one line and exit 2.
+    """
+    base = OmegaConf.structured(schema)
+    layers = [base]
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"{path}: recipe file not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark is not None else ""
+            raise UserError(f"{path}{where}: malformed YAML ({getattr(err, 'problem', err)})") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
+        try:
+            layers.append(OmegaConf.create(data))
+            merged = OmegaConf.merge(*layers)
+        except OmegaConfBaseException as err:
+            raise UserError(f"{path}: {_omegaconf_message(err)}") from None
+    else:
+        merged = base
+    for item in overrides or []:
+        if "=" not in item:
+            raise UserError(f"override '{item}' is not of the form key=value")
+        key = item.split("=", 1)[0]
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as err:
+            raise UserError(f"override '{key}': {_omegaconf_message(err)}") from None
+    try:
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        where = str(path) if path is not None else "recipe"
+        raise UserError(f"{where}: {_omegaconf_message(err)}") from None
+
+
+def to_dict(recipe: Any) -> dict[str, Any]:
+    """Plain dict of a recipe dataclass, for run directories (`recipe.yaml`) and checkpoints."""
+    return dataclasses.asdict(recipe)
+
+
+def dump_recipe(recipe: Any) -> str:
+    """YAML text of a loaded recipe; written beside every run so it can be rerun exactly."""
+    return yaml.safe_dump(to_dict(recipe), sort_keys=False)

@@ -1,0 +1,96 @@
+"""The CLI end to end with typer's test runner: help, sample, score, and one-line errors with exit 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from qirl.cli.main import app
+
+runner = CliRunner()
+
+
+def test_help_lists_every_command():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for name in ("pretrain", "sample", "score", "curate", "grpo", "distill", "eval"):
+        assert name in result.output
+
+
+@pytest.mark.parametrize("name", ["curate", "grpo", "distill", "eval"])
+def test_later_commands_say_not_yet(name):
+    result = runner.invoke(app, [name])
+    assert result.exit_code == 2
+    assert "not yet available" in result.output
+
+
+def test_sample_then_score_the_shipped_base(tmp_path):
+    out = tmp_path / "samples"
+    result = runner.invoke(
+        app, ["sample", "--prompts", "demo", "--limit", "8", "--steps", "4", "--out", str(out), "--quiet"]
+    )
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 8
+    assert all((out / r["image"]).is_file() for r in rows)
+    assert (out / "grid.png").is_file()
+    assert any(r["task"] == "edit" and (out / r["source_image"]).is_file() for r in rows)
+    result = runner.invoke(app, ["score", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert 0 <= summary["t2i_overall"] <= 100 and summary["t2i_images"] + summary["edit_images"] == 8
+    assert len((out / "scores.jsonl").read_text().splitlines()) == 8
+
+
+def test_sample_is_deterministic_and_batch_independent(tmp_path):
+    args = ["sample", "--prompts", "demo", "--limit", "3", "--steps", "3", "--quiet"]
+    assert runner.invoke(app, args + ["--out", str(tmp_path / "a"), "--batch-size", "3"]).exit_code == 0
+    assert runner.invoke(app, args + ["--out", str(tmp_path / "b"), "--batch-size", "1"]).exit_code == 0
+    for i in range(3):
+        a = (tmp_path / "a" / "images" / f"{i:04d}.png").read_bytes()
+        b = (tmp_path / "b" / "images" / f"{i:04d}.png").read_bytes()
+        assert a == b
+
+
+@pytest.mark.parametrize(
+    "setup, args, needle",
+    [
+        (None, ["pretrain", "{tmp}/missing.yaml"], "recipe file not found"),
+        ("recipe", ["pretrain", "{tmp}/r.yaml"], "lrr"),
+        (None, ["pretrain", "recipes/pretrain.yaml", "train.nope=1"], "train.nope"),
+        ("badjsonl", ["sample", "--prompts", "{tmp}/p.jsonl", "--out", "{tmp}/o"], "p.jsonl:2"),
+        ("emptyjsonl", ["sample", "--prompts", "{tmp}/p.jsonl", "--out", "{tmp}/o"], "no prompts"),
+        (None, ["sample", "--model", "{tmp}/nomodel", "--prompt", "a red circle", "--out", "{tmp}/o"], "no such folder"),
+        ("corrupt", ["sample", "--model", "{tmp}/m", "--prompt", "a red circle", "--out", "{tmp}/o"], "model.safetensors"),
+        ("rgba", ["sample", "--prompt", "make the circle red", "--source", "{tmp}/s.png", "--out", "{tmp}/o"], "mode must be RGB"),
+        ("small", ["sample", "--prompt", "make the circle red", "--source", "{tmp}/s.png", "--out", "{tmp}/o"], "must be 32x32"),
+        (None, ["score", "{tmp}"], "no samples.jsonl"),
+    ],
+)
+def test_user_errors_are_one_line_exit_2(tmp_path, setup, args, needle):
+    from PIL import Image
+
+    if setup == "recipe":
+        (tmp_path / "r.yaml").write_text("train:\n  lrr: 1\n")
+    elif setup == "badjsonl":
+        (tmp_path / "p.jsonl").write_text('{"prompt": "a red circle"}\n{oops\n')
+    elif setup == "emptyjsonl":
+        (tmp_path / "p.jsonl").write_text("")
+    elif setup == "corrupt":
+        from qirl.models.registry import base_model_path
+        import shutil
+
+        shutil.copytree(base_model_path(), tmp_path / "m")
+        (tmp_path / "m" / "model.safetensors").write_bytes(b"\0" * 10)
+    elif setup == "rgba":
+        Image.new("RGBA", (32, 32)).save(tmp_path / "s.png")
+    elif setup == "small":
+        Image.new("RGB", (8, 8)).save(tmp_path / "s.png")
+    result = runner.invoke(app, [a.replace("{tmp}", str(tmp_path)) for a in args])
+    assert result.exit_code == 2, result.output
+    assert needle in result.output
+    assert "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+    assert not (tmp_path / "o").exists()  # nothing half-written

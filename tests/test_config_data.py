@@ -1,0 +1,162 @@
+"""Recipes, prompt records, images and checkpoints: every user mistake is one clear UserError."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from PIL import Image
+
+from qirl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from qirl.config import load_recipe
+from qirl.data import load_image, read_jsonl, write_jsonl
+from qirl.errors import UserError
+
+
+@dataclass
+class Train:
+    lr: float = 1e-3
+    steps: int = 10
+
+
+@dataclass
+class Recipe:
+    train: Train = field(default_factory=Train)
+    name: str = "x"
+
+
+def test_recipe_yaml_and_overrides(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("train:\n  lr: 0.5\n")
+    cfg = load_recipe(Recipe, path, ["train.steps=7", "name=y"])
+    assert isinstance(cfg, Recipe) and isinstance(cfg.train, Train)
+    assert (cfg.train.lr, cfg.train.steps, cfg.name) == (0.5, 7, "y")
+
+
+@pytest.mark.parametrize(
+    "yaml_text, overrides, needle",
+    [
+        ("train:\n  lrr: 0.5\n", [], "lrr"),
+        ("train:\n  steps: many\n", [], "steps"),
+        ("", ["train.nope=1"], "train.nope"),
+        ("", ["train.steps=abc"], "train.steps"),
+        ("", ["train.steps"], "key=value"),
+        ("train: [1, 2\n", [], "malformed YAML"),
+    ],
+)
+def test_recipe_errors_name_the_key(tmp_path, yaml_text, overrides, needle):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(UserError) as err:
+        load_recipe(Recipe, path, overrides)
+    assert needle in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_recipe(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_recipe(Recipe, tmp_path / "nope.yaml")
+
+
+def test_read_jsonl_valid(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text(
+        '{"prompt": "a red circle", "category": "single"}\n\n'
+        '{"prompt": "make it blue", "task": "edit", "source": "src.png", "note": 1}\n'
+    )
+    recs = read_jsonl(path)
+    assert [r.task for r in recs] == ["t2i", "edit"]
+    assert recs[1].source == str(tmp_path / "src.png")
+    assert recs[1].extra == {"note": 1}
+    assert recs[1].to_json()["note"] == 1
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ('{"prompt": "ok"}\n{bad json\n', "p.jsonl:2: malformed JSON"),
+        ('{"category": "x"}\n', "p.jsonl:1: missing required key 'prompt'"),
+        ('{"prompt": 3}\n', "'prompt' must be a string"),
+        ('{"prompt": "x", "task": "video"}\n', "'task' must be one of"),
+        ('{"prompt": "x", "task": "edit"}\n', "needs 'source'"),
+        ("[1, 2]\n", "expected a JSON object"),
+        ("\n\n", "no prompts"),
+    ],
+)
+def test_read_jsonl_errors(tmp_path, text, needle):
+    path = tmp_path / "p.jsonl"
+    path.write_text(text)
+    with pytest.raises(UserError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        read_jsonl(path)
+
+
+def test_write_jsonl_atomic_roundtrip(tmp_path):
+    path = tmp_path / "out.jsonl"
+    write_jsonl(path, [{"prompt": "a", "task": "t2i"}])
+    assert json.loads(path.read_text()) == {"prompt": "a", "task": "t2i"}
+    assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
+
+
+def test_load_image_checks_mode_and_size(tmp_path):
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(tmp_path / "ok.png")
+    Image.new("RGBA", (32, 32)).save(tmp_path / "rgba.png")
+    Image.new("RGB", (16, 16)).save(tmp_path / "small.png")
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    img = load_image(tmp_path / "ok.png", 32)
+    assert img.shape == (3, 32, 32) and torch.allclose(img[0], torch.ones(32, 32))
+    with pytest.raises(UserError, match="mode must be RGB"):
+        load_image(tmp_path / "rgba.png", 32)
+    with pytest.raises(UserError, match="must be 32x32, got 16x16"):
+        load_image(tmp_path / "small.png", 32)
+    with pytest.raises(UserError, match="not a readable image"):
+        load_image(tmp_path / "junk.png")
+    with pytest.raises(UserError, match="not found"):
+        load_image(tmp_path / "missing.png")
+
+
+def test_checkpoint_roundtrip_with_optimizer(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, {"model": model.state_dict()}, {"pos": step}, {"optimizer": opt.state_dict()}, keep=2)
+    ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert ckpts == ["latest", "step_00000002", "step_00000003"]
+    ck = load_checkpoint(latest_checkpoint(tmp_path))
+    assert ck.step == 3 and ck.state["pos"] == 3
+    opt2 = torch.optim.AdamW(model.parameters(), lr=0.5)
+    opt2.load_state_dict(ck.nested("optimizer"))
+    assert opt2.param_groups[0]["lr"] == 0.01
+    assert torch.equal(opt2.state[model.weight]["exp_avg"], opt.state[model.weight]["exp_avg"])
+    assert torch.equal(ck.tensors["model"]["weight"], model.weight.detach())
+
+
+def test_corrupt_checkpoint_is_a_user_error(tmp_path):
+    path = save_checkpoint(tmp_path, 1, {"model": {"w": torch.ones(2)}}, {})
+    (path / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(UserError, match="corrupt checkpoint file"):
+        load_checkpoint(path)
+    (path / "model.safetensors").unlink()
+    with pytest.raises(UserError, match="missing checkpoint file"):
+        load_checkpoint(path)
+    with pytest.raises(UserError, match="not a qirl checkpoint"):
+        load_checkpoint(tmp_path)
+
+
+def test_failed_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
+    save_checkpoint(tmp_path, 1, {"model": {"w": torch.ones(2)}}, {})
+    import qirl.checkpoint as ck
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ck, "save_file", full_disk)
+    with pytest.raises(OSError):
+        save_checkpoint(tmp_path, 2, {"model": {"w": torch.zeros(2)}}, {})
+    latest = latest_checkpoint(tmp_path)
+    assert latest.name == "step_00000001"
+    assert torch.equal(load_checkpoint(latest).tensors["model"]["w"], torch.ones(2))
+    assert not list((tmp_path / "checkpoints").glob(".*tmp"))

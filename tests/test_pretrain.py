@@ -1,0 +1,110 @@
+"""Pretraining: the loss goes down, checkpoints resume exactly, a SIGKILLed run continues."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from qirl.checkpoint import latest_checkpoint, load_checkpoint
+from qirl.config import load_recipe
+from qirl.errors import UserError
+from qirl.pretrain import PretrainRecipe, pretrain
+
+TINY = [
+    "model.dim=32",
+    "model.depth=1",
+    "model.heads=2",
+    "model.text_dim=32",
+    "model.text_depth=1",
+    "model.text_heads=2",
+    "data.vocab_samples=300",
+    "train.batch_size=4",
+    "train.warmup_steps=2",
+    "run.log_every=1",
+]
+
+
+def tiny_recipe(out: Path, steps: int, every: int) -> PretrainRecipe:
+    return load_recipe(
+        PretrainRecipe, None, TINY + [f"train.steps={steps}", f"run.checkpoint_every={every}", f"run.out_dir={out}"]
+    )
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(latest_checkpoint(run)).tensors["model"]
+
+
+def test_resume_is_exact(tmp_path):
+    full = list(pretrain(tiny_recipe(tmp_path / "full", 6, 3)))
+    assert full[-1]["done"] and full[-1]["steps"] == 6
+    # "Kill" after step 4: the consumer stops; the newest checkpoint on disk is step 3.
+    partial = tiny_recipe(tmp_path / "cut", 6, 3)
+    for row in pretrain(partial):
+        if row.get("step") == 4:
+            break
+    assert latest_checkpoint(tmp_path / "cut").name == "step_00000003"
+    with pytest.raises(UserError, match="--resume"):
+        list(pretrain(partial))
+    resumed = list(pretrain(partial, resume=True))
+    assert resumed[-1]["resumed_from"] == 3
+    a, b = final_weights(tmp_path / "full"), final_weights(tmp_path / "cut")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # The loss curve continues: one row per step, no duplicates from the abandoned steps.
+    steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert (tmp_path / "cut" / "model" / "model.safetensors").is_file()
+
+
+def test_resume_without_checkpoint_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="nothing to resume"):
+        list(pretrain(tiny_recipe(tmp_path / "none", 2, 1), resume=True))
+
+
+def test_bad_model_config_names_the_key(tmp_path):
+    recipe = tiny_recipe(tmp_path / "bad", 2, 1)
+    recipe.model.patch_size = 5
+    with pytest.raises(UserError, match="recipe model: image_size 32 is not divisible by patch_size 5"):
+        list(pretrain(recipe))
+
+
+def test_loss_goes_down(tmp_path):
+    recipe = tiny_recipe(tmp_path / "learn", 60, 1000)
+    recipe.train.lr = 3e-3
+    rows = [r for r in pretrain(recipe) if not r.get("done")]
+    first = sum(r["loss"] for r in rows[:10]) / 10
+    last = sum(r["loss"] for r in rows[-10:]) / 10
+    assert last < 0.8 * first, (first, last)
+
+
+def test_sigkill_and_resume_from_the_cli(tmp_path):
+    """A real kill -9 in the middle of `qirl pretrain`; `--resume` continues to the same weights."""
+    exe = [sys.executable, "-m", "qirl.cli.main", "pretrain", "recipes/pretrain.yaml", "--quiet"]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = TINY + ["train.steps=40", "run.checkpoint_every=5"]
+    ref = subprocess.run(exe + common + [f"run.out_dir={tmp_path / 'ref'}"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert ref.returncode == 0, ref.stderr
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(exe + common + [f"run.out_dir={run}"], cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "checkpoints" / "step_00000010").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    latest = latest_checkpoint(run)
+    assert latest is not None and load_checkpoint(latest).step < 40
+    again = subprocess.run(exe + common + [f"run.out_dir={run}", "--resume"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    a, b = final_weights(tmp_path / "ref"), final_weights(run)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
