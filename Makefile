@@ -22,7 +22,7 @@ install: $(STAMP)
 # score the images with the Shapes oracle (becomes the GRPO demo when `qirl grpo` lands).
 demo: $(STAMP)
 	$(BIN)/qirl sample --model base --prompts demo --out runs/demo
-	$(BIN)/qirl score runs/demo
+	$(BIN)/qirl score images runs/demo
 
 test: $(STAMP)
 	$(BIN)/pytest -q

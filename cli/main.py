@@ -75,7 +75,8 @@ def pretrain(
 ) -> None:
     """Flow-matching pretraining of the tiny unified DiT on the Shapes world (T2I + edit)."""
     from qirl.config import load_recipe
-    from qirl.pretrain import PretrainRecipe, pretrain as run
+    from qirl.pretrain import PretrainRecipe
+    from qirl.pretrain import pretrain as run
 
     cfg = load_recipe(PretrainRecipe, recipe, overrides)
     summary = live_metrics(run(cfg, resume=resume), "pretrain", quiet or json_out)
@@ -122,21 +123,63 @@ def sample(
     print_summary(summary, json_out, "sample")
 
 
-@app.command()
+score_app = typer.Typer(
+    help="Reward models: score images, make annotations, train and evaluate reward models, serve them.",
+    no_args_is_help=True,
+)
+app.add_typer(score_app, name="score")
+
+
+def _composite(rewards: list[str] | None, recipe: Path | None):
+    """A composite from `--reward` names (weight 1 each) or from the `rewards:` section of a YAML file."""
+    from qirl.config import load_recipe
+    from qirl.rewards.composite import CompositeConfig, CompositeReward, RewardSpec
+
+    if rewards and recipe:
+        raise UserError("give --reward or --rewards-recipe, not both")
+    if recipe is not None:
+        import yaml
+
+        raw = yaml.safe_load(recipe.read_text()) if recipe.is_file() else None
+        if isinstance(raw, dict) and "rewards" in raw:
+            # A whole training recipe: read only its rewards section.
+            from omegaconf import OmegaConf
+
+            tmp = OmegaConf.create(raw["rewards"])
+            cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(CompositeConfig), tmp))
+        else:
+            cfg = load_recipe(CompositeConfig, recipe)
+        return CompositeReward.from_config(cfg)
+    if rewards:
+        return CompositeReward.from_config(CompositeConfig(models=[RewardSpec(name=n) for n in rewards]))
+    return None
+
+
+@score_app.command("images")
 @user_errors
-def score(
-    samples: Annotated[Path, typer.Argument(help="A folder written by `qirl sample` (with samples.jsonl).")],
+def score_images_cmd(
+    path: Annotated[Path, typer.Argument(help="A folder written by `qirl sample`, or a JSONL of images.")],
+    reward: Annotated[list[str] | None, typer.Option(help="A reward model by name (repeatable).")] = None,
+    rewards_recipe: Annotated[Path | None, typer.Option(help="YAML with a composite (`models`, `category_weights`).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output JSONL (default: scores.jsonl beside the manifest).")] = None,
     quiet: Quiet = False,
     json_out: AsJson = False,
 ) -> None:
-    """Score generated images with the Shapes oracle (pillars for T2I; success/preservation for edits).
+    """Score images with the Shapes oracle (always) and any reward models; write scores.jsonl."""
+    from qirl.rewards.scoring import score_images
 
-    Writes scores.jsonl beside the images and prints per-task, per-pillar means.
-    """
-    from qirl.samples import score_folder
+    composite = _composite(reward, rewards_recipe)
+    summary = live_metrics(score_images(path, composite, out), "score", quiet or json_out)
+    print_summary(summary, json_out, "scores")
 
-    summary = live_metrics(score_folder(samples), "score", quiet or json_out)
-    print_summary(summary, json_out, "oracle scores")
+
+@score_app.command("list")
+def score_list() -> None:
+    """List the reward models that can be named in recipes and --reward."""
+    from qirl.rewards.base import available_rewards
+
+    for name in available_rewards():
+        typer.echo(name)
 
 
 def _not_yet(name: str, issue: int) -> Callable[..., None]:

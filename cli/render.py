@@ -6,13 +6,21 @@ decides how they are shown. A dict with `"done": True` is the final summary.
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from collections.abc import Iterator
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 err_console = Console(stderr=True)
@@ -31,6 +39,12 @@ def live_metrics(stream: Iterator[dict[str, Any]], title: str, quiet: bool = Fal
     Metrics with `step` and `total` drive the bar; their other scalar keys are shown beside it.
     """
     summary: dict[str, Any] = {}
+    stream = iter(stream)
+    # Set-up errors (a bad file, a missing model) surface before anything is drawn, as one line.
+    first = next(stream, None)
+    if first is None:
+        return summary
+    stream = itertools.chain([first], stream)
     if quiet:
         for item in stream:
             if item.get("done"):

@@ -90,22 +90,30 @@ def record_from_dict(obj: Any, where: str, base_dir: Path | None = None) -> Prom
     )
 
 
-def read_jsonl(path: str | Path) -> list[PromptRecord]:
-    """Read and validate a prompt file; any bad line is a `UserError` naming file and line."""
+def read_json_lines(path: str | Path, what: str = "JSONL file") -> list[tuple[int, Any]]:
+    """(line number, decoded object) of every non-blank line; a bad line is a `UserError` naming it."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: prompt file not found")
-    records = []
+        raise UserError(f"{path}: {what} not found")
+    rows = []
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
-                obj = json.loads(line)
+                rows.append((lineno, json.loads(line)))
             except json.JSONDecodeError as err:
-                raise UserError(f"{where}: malformed JSON ({err.msg})") from None
-            records.append(record_from_dict(obj, where, base_dir=path.parent))
+                raise UserError(f"{path}:{lineno}: malformed JSON ({err.msg})") from None
+    return rows
+
+
+def read_jsonl(path: str | Path) -> list[PromptRecord]:
+    """Read and validate a prompt file; any bad line is a `UserError` naming file and line."""
+    path = Path(path)
+    records = [
+        record_from_dict(obj, f"{path}:{lineno}", base_dir=path.parent)
+        for lineno, obj in read_json_lines(path, "prompt file")
+    ]
     if not records:
         raise UserError(f"{path}: no prompts in file")
     return records

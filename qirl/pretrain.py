@@ -120,6 +120,13 @@ def lr_at(step: int, train: PretrainTrain) -> float:
     return train.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def ema_decay_at(step: int, decay: float) -> float:
+    """EMA decay with warm-up, min(decay, (1 + step) / (10 + step)) (diffusers' EMAModel, Tarvainen &
+    Valpola 2017): a fixed 0.999 would still weigh the zero-output initial model by 0.999^2000 = 14%
+    after 2000 steps."""
+    return min(decay, (1 + step) / (10 + step))
+
+
 @torch.no_grad()
 def ema_update(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: float) -> None:
     for name, p in model.state_dict().items():
@@ -225,7 +232,7 @@ def pretrain(recipe: PretrainRecipe, resume: bool = False) -> Iterator[dict[str,
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip))
         opt.step()
-        ema_update(ema, model, train.ema_decay)
+        ema_update(ema, model, ema_decay_at(step, train.ema_decay))
         step += 1
         window.append(float(loss.detach()))
         # Checkpoint before reporting, so a consumer that stops (or is killed) after seeing step N

@@ -1,4 +1,4 @@
-"""`qirl sample` and `qirl score`: generate a folder of images from prompts, and score such a folder.
+"""`qirl sample`: generate a folder of images from prompts (scored by `qirl score images`).
 
 A sample folder holds `images/NNNN.png`, `sources/NNNN.png` (edits), `grid.png` and `samples.jsonl`
 (each prompt record plus the paths and seed of its image). It is written in a temporary folder and
@@ -17,7 +17,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from qirl.data import PromptRecord, load_image, make_grid, read_jsonl, record_from_dict, save_image_atomic, write_jsonl
+from qirl.data import (
+    PromptRecord,
+    load_image,
+    make_grid,
+    read_jsonl,
+    record_from_dict,
+    save_image_atomic,
+    write_jsonl,
+)
 from qirl.errors import UserError
 from qirl.models.registry import load_policy
 from qirl.sampling import sample_ode
@@ -140,64 +148,3 @@ def generate(model: str, records: list[PromptRecord], out: str | Path, opts: Sam
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     yield {"done": True, "images": len(rows), "out": str(out), "model": model}
-
-
-def score_folder(folder: str | Path) -> Iterator[dict[str, Any]]:
-    """Score a sample folder with the Shapes oracle; write `scores.jsonl`; summarise per task and pillar."""
-    from qirl.shapes.oracle import aggregate, score_edit, score_t2i
-
-    folder = Path(folder)
-    manifest = folder / "samples.jsonl"
-    if not manifest.is_file():
-        raise UserError(f"{folder}: no samples.jsonl (not a folder written by `qirl sample`)")
-    rows = []
-    with manifest.open(encoding="utf-8") as fh:
-        import json
-
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{manifest}:{lineno}: malformed JSON ({err.msg})") from None
-            if "image" not in row or "prompt" not in row:
-                raise UserError(f"{manifest}:{lineno}: needs 'image' and 'prompt'")
-            rows.append((lineno, row))
-    t2i_scores, edit_scores, out_rows = [], [], []
-    for n, (lineno, row) in enumerate(rows, start=1):
-        image = load_image(folder / row["image"]).permute(1, 2, 0).numpy()  # [H, W, 3]
-        if row.get("task", "t2i") == "edit":
-            if "source_image" not in row:
-                raise UserError(f"{manifest}:{lineno}: edit row needs 'source_image'")
-            source = load_image(folder / row["source_image"]).permute(1, 2, 0).numpy()  # [H, W, 3]
-            s = score_edit(source, row["prompt"], image)
-            edit_scores.append(s)
-            out_rows.append({**row, "oracle": _as_dict(s)})
-        else:
-            s = score_t2i(image, row["prompt"])
-            t2i_scores.append(s)
-            out_rows.append({**row, "oracle": _as_dict(s)})
-        if n % 16 == 0 or n == len(rows):
-            yield {"step": n, "total": len(rows)}
-    write_jsonl(folder / "scores.jsonl", out_rows)
-    summary: dict[str, Any] = {"done": True, "folder": str(folder)}
-    if t2i_scores:
-        agg = aggregate(t2i_scores)
-        summary["t2i_images"] = len(t2i_scores)
-        summary["t2i_overall"] = round(agg["overall"], 2)
-        summary["t2i_pillars"] = {k: (None if v is None else round(v, 2)) for k, v in agg["pillars"].items()}
-    if edit_scores:
-        summary["edit_images"] = len(edit_scores)
-        for key in ("overall", "success", "preservation", "quality"):
-            summary[f"edit_{key}"] = round(float(np.mean([getattr(s, key) for s in edit_scores])), 2)
-    yield summary
-
-
-def _as_dict(score: Any) -> dict[str, Any]:
-    if hasattr(score, "to_dict"):
-        return score.to_dict()
-    d = asdict(score)
-    d.pop("items", None)
-    d.pop("detections", None)
-    return d

@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from typer.testing import CliRunner
-
 from qirl.cli.main import app
+from typer.testing import CliRunner
 
 runner = CliRunner()
 
@@ -37,11 +36,18 @@ def test_sample_then_score_the_shipped_base(tmp_path):
     assert all((out / r["image"]).is_file() for r in rows)
     assert (out / "grid.png").is_file()
     assert any(r["task"] == "edit" and (out / r["source_image"]).is_file() for r in rows)
-    result = runner.invoke(app, ["score", str(out), "--json"])
+    result = runner.invoke(app, ["score", "images", str(out), "--json", "--reward", "oracle_alignment"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert 0 <= summary["t2i_overall"] <= 100 and summary["t2i_images"] + summary["edit_images"] == 8
-    assert len((out / "scores.jsonl").read_text().splitlines()) == 8
+    scored = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    assert len(scored) == 8
+    # oracle_alignment judges T2I rows only; the edit rows get null (NaN), the others a value in [0, 1].
+    for row in scored:
+        value = row["rewards"]["oracle_alignment"]
+        assert (value is None) if row["task"] == "edit" else (0 <= value <= 1)
+        assert "overall" in row["oracle"]
+    assert 0 <= summary["t2i_rewards"]["oracle_alignment"] <= 1
 
 
 def test_sample_is_deterministic_and_batch_independent(tmp_path):
@@ -66,7 +72,8 @@ def test_sample_is_deterministic_and_batch_independent(tmp_path):
         ("corrupt", ["sample", "--model", "{tmp}/m", "--prompt", "a red circle", "--out", "{tmp}/o"], "model.safetensors"),
         ("rgba", ["sample", "--prompt", "make the circle red", "--source", "{tmp}/s.png", "--out", "{tmp}/o"], "mode must be RGB"),
         ("small", ["sample", "--prompt", "make the circle red", "--source", "{tmp}/s.png", "--out", "{tmp}/o"], "must be 32x32"),
-        (None, ["score", "{tmp}"], "no samples.jsonl"),
+        (None, ["score", "images", "{tmp}"], "no samples.jsonl"),
+        (None, ["score", "images", "{tmp}", "--reward", "nope"], "unknown reward"),
     ],
 )
 def test_user_errors_are_one_line_exit_2(tmp_path, setup, args, needle):
@@ -79,8 +86,9 @@ def test_user_errors_are_one_line_exit_2(tmp_path, setup, args, needle):
     elif setup == "emptyjsonl":
         (tmp_path / "p.jsonl").write_text("")
     elif setup == "corrupt":
-        from qirl.models.registry import base_model_path
         import shutil
+
+        from qirl.models.registry import base_model_path
 
         shutil.copytree(base_model_path(), tmp_path / "m")
         (tmp_path / "m" / "model.safetensors").write_bytes(b"\0" * 10)

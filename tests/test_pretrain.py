@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import torch
 from qirl.checkpoint import latest_checkpoint, load_checkpoint
 from qirl.config import load_recipe
 from qirl.errors import UserError
+from qirl.models.registry import load_policy
 from qirl.pretrain import PretrainRecipe, pretrain
 
 TINY = [
@@ -63,6 +65,18 @@ def test_resume_is_exact(tmp_path):
     steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
     assert (tmp_path / "cut" / "model" / "model.safetensors").is_file()
+
+
+def test_load_policy_from_runs(tmp_path):
+    """A finished run loads its exported EMA model; a run in progress its newest checkpoint's EMA."""
+    list(pretrain(tiny_recipe(tmp_path / "run", 2, 1)))
+    finished = load_policy(str(tmp_path / "run"))
+    ema = load_checkpoint(latest_checkpoint(tmp_path / "run")).tensors["ema"]
+    shutil.rmtree(tmp_path / "run" / "model")
+    in_progress = load_policy(str(tmp_path / "run"))
+    for name, value in in_progress.state_dict().items():
+        assert torch.equal(value, ema[name]), name
+        assert torch.allclose(finished.state_dict()[name], value), name
 
 
 def test_resume_without_checkpoint_is_a_user_error(tmp_path):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from qirl.checkpoint import latest_checkpoint
 from qirl.errors import UserError
 from qirl.models.policy import FlowPolicy
 
@@ -31,12 +32,37 @@ def resolve_model_path(spec: str) -> Path:
     raise UserError(f"{path}: not a model folder (no config.json) nor a finished run (no model/config.json)")
 
 
-def load_policy(
-    spec: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
-) -> FlowPolicy:
-    """Load a policy for inference or training; the tiny DiT is the only embedded architecture."""
+def _from_run_checkpoint(run: Path) -> FlowPolicy:
+    """The EMA weights of a pretraining run's newest checkpoint (a run still in progress)."""
+    import yaml
+    from tokenizers import Tokenizer
+
+    from qirl.checkpoint import load_checkpoint
+    from qirl.models.tiny_dit import TinyDiT, TinyDiTConfig
+
+    ckpt = load_checkpoint(latest_checkpoint(run))
+    if "tokenizer" not in ckpt.state or "ema" not in ckpt.tensors:
+        raise UserError(f"{ckpt.path}: not a pretraining checkpoint (no tokenizer or EMA weights)")
+    recipe = yaml.safe_load(ckpt.state["recipe"])
+    config = TinyDiTConfig.from_dict(recipe["model"], str(ckpt.path))
+    model = TinyDiT(config, Tokenizer.from_str(ckpt.state["tokenizer"]))
+    model.load_state_dict(ckpt.tensors["ema"])
+    return model
+
+
+def load_policy(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> FlowPolicy:
+    """Load a policy for inference or training; the tiny DiT is the only embedded architecture.
+
+    `spec`: `base`, a model folder, a finished run folder (its `model/`), or a run still in progress
+    (the EMA weights of its newest checkpoint).
+    """
     from qirl.models.tiny_dit import TinyDiT
 
-    policy = TinyDiT.from_pretrained(resolve_model_path(spec), dtype=dtype, device=device)
+    path = Path(spec)
+    if spec != "base" and not (path / "model" / "config.json").is_file() and latest_checkpoint(path) is not None:
+        policy = _from_run_checkpoint(path)
+    else:
+        policy = TinyDiT.from_pretrained(resolve_model_path(spec), dtype=dtype, device=device)
+    policy.to(device=device, dtype=dtype or torch.float32)
     policy.eval()
     return policy
