@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[dev,lora]"
+	$(BIN)/pip install -q -e ".[dev,lora,face]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -173,6 +173,29 @@ def score_images_cmd(
     print_summary(summary, json_out, "scores")
 
 
+@score_app.command("serve")
+@user_errors
+def score_serve(
+    reward: Annotated[list[str] | None, typer.Option(help="A reward model by name (repeatable).")] = None,
+    rewards_recipe: Annotated[Path | None, typer.Option(help="YAML with a composite (`models`, ...).")] = None,
+    host: Annotated[str, typer.Option(help="Bind address (loopback by default).")] = "127.0.0.1",
+    port: int = 8000,
+    token_env: Annotated[
+        str, typer.Option(help="Environment variable holding the bearer token (unset: no token).")
+    ] = "QIRL_REWARD_TOKEN",
+    max_batch: int = 256,
+    workers: Annotated[int, typer.Option(help="Scoring threads.")] = 1,
+) -> None:
+    """Serve reward models over HTTP (JSON + base64 PNG, never pickle): POST /score, GET /health."""
+    from qirl.rewards.server import serve
+
+    composite = _composite(reward, rewards_recipe) or _composite(["oracle"], None)
+    token = os.environ.get(token_env) or None
+    err_console.print(f"serving {', '.join(composite.names)} on http://{host}:{port} (token: {'yes' if token else 'no'})")
+    serve(dict(zip(composite.names, composite.rewards, strict=True)), host=host, port=port, token=token,
+          max_batch=max_batch, workers=workers)
+
+
 @score_app.command("list")
 def score_list() -> None:
     """List the reward models that can be named in recipes and --reward."""

@@ -28,7 +28,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from qirl.data import atomic_write_text
+from qirl.data import atomic_write_text, publish_mode
 from qirl.errors import UserError
 
 _TENSOR_REF = "__tensor__"
@@ -124,6 +124,7 @@ def save_checkpoint(
         _fsync(tmp / "state.json")
         if final.exists():  # a re-save of the same step (e.g. after a resume): replace it whole
             shutil.rmtree(final)
+        publish_mode(tmp)
         os.rename(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -124,6 +124,17 @@ def iter_json_lines(rows: Iterable[dict[str, Any]]) -> Iterator[str]:
         yield json.dumps(row, ensure_ascii=False) + "\n"
 
 
+def publish_mode(path: str | Path) -> None:
+    """Give a temporary file or folder the mode a plain `open` / `mkdir` would have.
+
+    `mkstemp` and `mkdtemp` create private entries (0600 / 0700) so that nobody reads a half-written
+    output; once complete and about to be renamed into place, it gets the umask's usual mode.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask)
+
+
 def atomic_write_text(path: str | Path, text: str | Iterable[str]) -> None:
     """Write a text file so that readers see the old file or the whole new one, never a part.
 
@@ -141,6 +152,7 @@ def atomic_write_text(path: str | Path, text: str | Iterable[str]) -> None:
                 fh.writelines(text)
             fh.flush()
             os.fsync(fh.fileno())
+        publish_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -188,6 +200,7 @@ def save_image_atomic(image: torch.Tensor, path: str | Path) -> None:
     os.close(fd)
     try:
         to_pil(image).save(tmp, format="PNG")
+        publish_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -67,6 +67,7 @@ class PretrainRun:
     log_every: int = 10
     checkpoint_every: int = 250
     keep_checkpoints: int = 2
+    export_dtype: str = "float32"  # dtype of the exported `model/` weights (float16 halves a shipped file)
 
 
 @dataclass
@@ -75,6 +76,9 @@ class PretrainRecipe:
     data: PretrainData = field(default_factory=PretrainData)
     train: PretrainTrain = field(default_factory=PretrainTrain)
     run: PretrainRun = field(default_factory=PretrainRun)
+
+
+_EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def draw_batch(
@@ -171,6 +175,8 @@ def pretrain(recipe: PretrainRecipe, resume: bool = False) -> Iterator[dict[str,
     if recipe.train.timestep_sampling not in ("logit_normal", "uniform"):
         raise UserError(f"train.timestep_sampling must be logit_normal or uniform, got {recipe.train.timestep_sampling!r}")
     TinyDiTConfig.from_dict(asdict(recipe.model), "recipe model")  # validates: UserError naming the key
+    if recipe.run.export_dtype not in _EXPORT_DTYPES:
+        raise UserError(f"run.export_dtype must be one of {', '.join(_EXPORT_DTYPES)}, got {recipe.run.export_dtype!r}")
     out.mkdir(parents=True, exist_ok=True)
     metrics_file = out / "metrics.jsonl"
 
@@ -254,7 +260,7 @@ def pretrain(recipe: PretrainRecipe, resume: bool = False) -> Iterator[dict[str,
 
     final = out / "model"
     model.load_state_dict(ema)
-    model.save_pretrained(final)
+    model.save_pretrained(final, dtype=_EXPORT_DTYPES[recipe.run.export_dtype])
     elapsed = time.perf_counter() - t_start
     yield {
         "done": True,

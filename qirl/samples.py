@@ -21,6 +21,7 @@ from qirl.data import (
     PromptRecord,
     load_image,
     make_grid,
+    publish_mode,
     read_jsonl,
     record_from_dict,
     save_image_atomic,
@@ -143,6 +144,7 @@ def generate(model: str, records: list[PromptRecord], out: str | Path, opts: Sam
             if not (out / "samples.jsonl").is_file():
                 raise UserError(f"{out}: exists and is not a qirl sample folder; choose another --out")
             shutil.rmtree(out)
+        publish_mode(tmp)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

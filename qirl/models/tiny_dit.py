@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 from torch import Tensor, nn
 
+from qirl.data import publish_mode
 from qirl.errors import UserError
 from qirl.models.layers import Mlp, SelfAttention, modulate, sincos_2d, timestep_embedding
 from qirl.models.policy import Condition
@@ -421,6 +422,7 @@ def _atomic(target: Path, write: Any) -> None:
     os.close(fd)
     try:
         write(tmp)
+        publish_mode(tmp)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -81,4 +81,6 @@ def build_reward(name: str, **kwargs: Any) -> RewardModel:
 
 def _import_builtin_rewards() -> None:
     """Importing the modules registers their rewards (kept lazy: some pull heavy optional packages)."""
+    import qirl.rewards.client  # noqa: F401
+    import qirl.rewards.face  # noqa: F401  (imports dlib only when built)
     import qirl.rewards.oracle  # noqa: F401
