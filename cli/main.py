@@ -173,6 +173,62 @@ def score_images_cmd(
     print_summary(summary, json_out, "scores")
 
 
+@score_app.command("annotate")
+@user_errors
+def score_annotate(
+    recipe: Annotated[Path | None, typer.Argument(help="Optional YAML of AnnotateConfig keys.")] = None,
+    overrides: Overrides = None,
+    quiet: Quiet = False,
+    json_out: AsJson = False,
+) -> None:
+    """Synthetic human-like annotations (pointwise Likert + pairwise preferences) from one image pool."""
+    from qirl.config import load_recipe
+    from qirl.rewards.annotate import AnnotateConfig, annotate
+
+    if recipe is not None and "=" in recipe.name:  # `qirl score annotate n_prompts=50`: no file given
+        overrides, recipe = [str(recipe), *(overrides or [])], None
+    cfg = load_recipe(AnnotateConfig, recipe, overrides)
+    summary = live_metrics(annotate(cfg), "annotate", quiet or json_out)
+    print_summary(summary, json_out, "annotations")
+
+
+@score_app.command("train")
+@user_errors
+def score_train(
+    recipe: Annotated[Path, typer.Argument(help="Reward-model recipe (e.g. recipes/rm_pointwise.yaml).")],
+    overrides: Overrides = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in run.out_dir from its last checkpoint.")] = False,
+    quiet: Quiet = False,
+    json_out: AsJson = False,
+) -> None:
+    """Fine-tune a VLM reward model, pointwise (Likert distribution, optional CoT) or pairwise (Bradley-Terry)."""
+    from qirl.config import load_recipe
+    from qirl.rewards.vlm import RewardTrainRecipe, train_reward_model
+
+    cfg = load_recipe(RewardTrainRecipe, recipe, overrides)
+    summary = live_metrics(train_reward_model(cfg, resume=resume), "train reward model", quiet or json_out)
+    print_summary(summary, json_out, "reward model")
+
+
+@score_app.command("eval")
+@user_errors
+def score_eval(
+    model: Annotated[Path, typer.Argument(help="A trained reward model folder (<run>/model).")],
+    data: Annotated[Path, typer.Option(help="Annotation folder written by `qirl score annotate`.")] = Path(
+        "data/annotations"
+    ),
+    max_rows: Annotated[int, typer.Option(help="Evaluate on at most N rows per split (0 = all).")] = 0,
+    json_out: AsJson = False,
+) -> None:
+    """Held-out pairwise accuracy against the oracle's preference and Spearman against oracle scores."""
+    from qirl.rewards.vlm import VLMReward, evaluate_reward_model
+
+    if not (model / "config.json").exists() and (model / "model").is_dir():
+        model = model / "model"
+    result = evaluate_reward_model(VLMReward.load(str(model)), str(data), max_rows=max_rows)
+    print_summary({"model": str(model), **result}, json_out, "reward model vs oracle")
+
+
 @score_app.command("serve")
 @user_errors
 def score_serve(

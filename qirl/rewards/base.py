@@ -84,3 +84,4 @@ def _import_builtin_rewards() -> None:
     import qirl.rewards.client  # noqa: F401
     import qirl.rewards.face  # noqa: F401  (imports dlib only when built)
     import qirl.rewards.oracle  # noqa: F401
+    import qirl.rewards.vlm  # noqa: F401  (transformers: a few seconds, only when rewards are built)

@@ -1,0 +1,78 @@
+"""VLM reward models on transformers vision-language models (Qwen2.5-VL / Qwen3-VL family).
+
+One code path serves a 7B checkpoint on a cluster (`path=<local folder>`) and the embedded default, a
+tiny Qwen2.5-VL with a shipped word-level tokenizer (`path=None`):
+
+- pointwise: the score distribution over the tokens "1".."5" after "Score: ", reward (E - 1) / 4,
+  optionally after a chain of thought (model.py, losses.py);
+- pairwise: a scalar head on the last hidden state, trained with Bradley-Terry (ties as soft 0.5 labels).
+
+Registered rewards (`qirl.rewards.base.build_reward`): "vlm_pointwise", "vlm_pointwise_cot" and
+"vlm_pairwise", each taking `path` (a folder written by `VLMReward.save`, or a VLM checkpoint folder
+for zero-shot use, or None for the untrained embedded model) and any `VLMRewardConfig` key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from qirl.rewards.base import register_reward
+from qirl.rewards.vlm.backbone import TinyVLMSpec
+from qirl.rewards.vlm.losses import bradley_terry_loss, expected_score, normalised_reward, pointwise_loss
+from qirl.rewards.vlm.model import META_FILE, VLMReward, VLMRewardConfig
+from qirl.rewards.vlm.train import (
+    RewardData,
+    RewardRun,
+    RewardTrain,
+    RewardTrainRecipe,
+    evaluate_reward_model,
+    spearman,
+    train_reward_model,
+)
+
+__all__ = [
+    "RewardData",
+    "RewardRun",
+    "RewardTrain",
+    "RewardTrainRecipe",
+    "TinyVLMSpec",
+    "VLMReward",
+    "VLMRewardConfig",
+    "bradley_terry_loss",
+    "evaluate_reward_model",
+    "expected_score",
+    "load_vlm_reward",
+    "normalised_reward",
+    "pointwise_loss",
+    "spearman",
+    "train_reward_model",
+]
+
+
+def load_vlm_reward(mode: str, path: str | None = None, **kwargs: Any) -> VLMReward:
+    """A folder from `VLMReward.save` loads as saved (its mode must match); any other folder is a VLM
+    checkpoint used zero-shot; None is the embedded tiny model (untrained)."""
+    if path is not None and (Path(path) / META_FILE).is_file():
+        reward = VLMReward.load(path, **kwargs)
+        if reward.config.mode != mode:
+            from qirl.errors import UserError
+
+            raise UserError(f"{path}: is a {reward.config.mode} VLM reward, asked for {mode}")
+        return reward
+    return VLMReward(VLMRewardConfig.from_dict({"mode": mode, "path": path, **kwargs}, f"vlm_{mode} reward"))
+
+
+@register_reward("vlm_pointwise")
+def _vlm_pointwise(path: str | None = None, **kwargs: Any) -> VLMReward:
+    return load_vlm_reward("pointwise", path, **kwargs)
+
+
+@register_reward("vlm_pointwise_cot")
+def _vlm_pointwise_cot(path: str | None = None, **kwargs: Any) -> VLMReward:
+    return load_vlm_reward("pointwise", path, **({"cot": True} | kwargs))
+
+
+@register_reward("vlm_pairwise")
+def _vlm_pairwise(path: str | None = None, **kwargs: Any) -> VLMReward:
+    return load_vlm_reward("pairwise", path, **kwargs)

@@ -1,0 +1,521 @@
+"""VLM reward models on the embedded tiny Qwen2.5-VL: tokenizer, positions, losses, training, save/load."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, normalizers
+
+from qirl.checkpoint import latest_checkpoint, load_checkpoint
+from qirl.config import load_recipe
+from qirl.errors import UserError
+from qirl.rewards.base import _REGISTRY, RewardRecord
+from qirl.rewards.vlm import (
+    RewardTrainRecipe,
+    VLMReward,
+    VLMRewardConfig,
+    bradley_terry_loss,
+    evaluate_reward_model,
+    pointwise_loss,
+    spearman,
+    train_reward_model,
+)
+from qirl.rewards.vlm.backbone import last_positions, score_token_ids
+from qirl.rewards.vlm.data import load_annotations
+from qirl.rewards.vlm.model import MarkerStop
+from qirl.rewards.vlm.prompting import (
+    MARKER,
+    answer_prefix,
+    chat_text,
+    reasoning_text,
+    simple_chat,
+    split_at_marker,
+)
+from qirl.rewards.vlm.tokenizer import ASSET_DIR, SCORE_TOKENS, SPECIAL_TOKENS, load_embedded_tokenizer, wrap
+from qirl.rewards.vlm.toy import save_toy_annotations, toy_annotations
+from qirl.rewards.vlm.train import rankdata
+from qirl.shapes import random_edit_record, random_t2i_record, render_batch
+from qirl.shapes.scene import Scene
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: as fast for a model this small, and immune to OpenMP spin-waiting when the
+    shared CPU is oversubscribed (two threads on a busy 2-core machine made a forward 70x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def cfg(**kw) -> VLMRewardConfig:  # noqa: ANN003
+    return VLMRewardConfig(device="cpu", dtype="float32", **kw)
+
+
+@pytest.fixture(scope="module")
+def pointwise() -> VLMReward:
+    return VLMReward(cfg())
+
+
+@pytest.fixture(scope="module")
+def toy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Clean renders vs blank canvases: an easy signal a few dozen steps can learn."""
+    path = tmp_path_factory.mktemp("toy") / "annotations"
+    return save_toy_annotations(
+        path,
+        n_prompts=16,
+        n_test_prompts=12,
+        variants=("clean", "blank"),
+        pairs_per_prompt=3,
+        label_noise=0.0,
+    )
+
+
+def shapes_batch(n: int, seed: int = 0) -> tuple[torch.Tensor, list[str], list[RewardRecord]]:
+    """Renders of n captions (odd rows are edits, with their source) of different prompt lengths."""
+    rng = np.random.default_rng(seed)
+    scenes, prompts, records = [], [], []
+    for i in range(n):
+        if i % 2:
+            rec = random_edit_record(rng)
+            src = render_batch([Scene.from_dict(rec["source_scene"])], 32)[0]
+            scenes.append(Scene.from_dict(rec["target_scene"]))
+            records.append(RewardRecord(task="edit", category=rec["category"], source=src))
+        else:
+            rec = random_t2i_record(rng)
+            scenes.append(Scene.from_dict(rec["scene"]))
+            records.append(RewardRecord(category=rec["category"]))
+        prompts.append(rec["prompt"])
+    return render_batch(scenes, 32), prompts, records
+
+
+def hand_distribution(
+    rm: VLMReward,
+    images: torch.Tensor,
+    prompts: list[str],
+    records: list[RewardRecord],
+    completions: list[str],
+    padding_side: str,
+) -> torch.Tensor:
+    """softmax over the "1".."5" logits of the full LM head, at the last real token found by hand."""
+    rows = rm._rows(images, records)
+    batch = rm.encode(rows, prompts, [r.task for r in records], completions, padding_side=padding_side)
+    inputs = {k: v for k, v in batch.items() if k not in ("completion_mask", "score_pos")}
+    with torch.no_grad():
+        logits = rm.model(**inputs, use_cache=False).logits  # [B, L, V]
+    mask = batch["attention_mask"]
+    out = []
+    for i in range(len(prompts)):
+        real = mask[i].nonzero().flatten()
+        pos = int(real.max())
+        if padding_side == "left":
+            assert pos == mask.shape[1] - 1
+        else:
+            assert pos == len(real) - 1
+        out.append(torch.softmax(logits[i, pos, rm.score_ids], dim=-1))
+    return torch.stack(out)
+
+
+# ------------------------------------------------------------------------------------------ tokenizer
+
+
+def test_embedded_tokenizer_has_single_token_digits_and_qwen_specials() -> None:
+    tok = load_embedded_tokenizer()
+    for i, special in enumerate(SPECIAL_TOKENS):
+        assert tok.convert_tokens_to_ids(special) == i
+    ids = score_token_ids(tok, "embedded")
+    assert [tok.convert_ids_to_tokens(i) for i in ids] == list(SCORE_TOKENS)
+    assert tok("Score: 345", add_special_tokens=False)["input_ids"][-3:] == ids[2:5]
+    # Every word the Shapes grammar says is in the shipped vocabulary (fails when the grammar grows:
+    # rebuild with `python -m qirl.rewards.vlm`).
+    rng = np.random.default_rng(123)
+    texts = [
+        f(rng, split=s)["prompt"]
+        for _ in range(150)
+        for f in (random_t2i_record, random_edit_record)
+        for s in ("train", "creative")
+    ]
+    unknown = {
+        w
+        for t in texts
+        for w, i in zip(tok.tokenize(t), tok(t)["input_ids"], strict=True)
+        if i == tok.unk_token_id
+    }
+    assert not unknown, f"words missing from {ASSET_DIR}/tokenizer.json: {sorted(unknown)}"
+
+
+def test_annotation_reasons_are_in_the_vocabulary() -> None:
+    """The CoT targets are the annotation generator's reason phrases: the model must be able to say them."""
+    annotate = pytest.importorskip("qirl.rewards.annotate")
+    tok = load_embedded_tokenizer()
+    rng = np.random.default_rng(7)
+    phrases = set()
+    for _ in range(6):
+        rec = random_t2i_record(rng)
+        scene = Scene.from_dict(rec["scene"])
+        for kind in ("wrong_object", "missing_object", "extra_object", "blur", "noise", "distorted_shape"):
+            img = np.clip(annotate.perturb(scene, kind, 32, rng), 0, 1)
+            phrases.update(annotate.judge_t2i(img, rec["prompt"]).reasons)
+    assert phrases
+    unknown = {
+        w
+        for p in phrases
+        for w, i in zip(tok.tokenize(p), tok(p)["input_ids"], strict=True)
+        if i == tok.unk_token_id
+    }
+    assert not unknown, f"reason words missing from the embedded vocabulary: {sorted(unknown)}"
+
+
+def test_score_digit_that_splits_is_a_user_error(tmp_path: Path) -> None:
+    backend = Tokenizer.from_file(str(ASSET_DIR / "tokenizer.json"))
+    backend.normalizer = normalizers.Sequence([normalizers.Replace("3", "1 2"), normalizers.Lowercase()])
+    with pytest.raises(UserError, match=r"score token '3' is not a single token"):
+        score_token_ids(wrap(backend), "bad tokenizer")
+    # ... and it is caught at load, before the weights are read.
+    folder = VLMReward(cfg()).save(tmp_path / "rm")
+    backend.save(str(folder / "tokenizer.json"))
+    with pytest.raises(UserError, match=r"rm: score token '3'"):
+        VLMReward.load(folder, device="cpu")
+
+
+def test_processor_and_model_agree_on_visual_tokens(pointwise: VLMReward) -> None:
+    assert pointwise.visual_tokens(32) == 16
+    assert pointwise.visual_tokens(64) == 16  # larger renders are resized to the pinned 32x32
+    images, prompts, records = shapes_batch(4)
+    batch = pointwise.encode(
+        pointwise._rows(images, records), prompts, [r.task for r in records], [MARKER] * 4
+    )
+    pads = (batch["input_ids"] == pointwise.model.config.image_token_id).sum(1)
+    assert pads.tolist() == [16, 32, 16, 32]  # an edit shows the source and the edited image
+    assert tuple(batch["pixel_values"].shape) == (6 * 64, 3 * 2 * 4 * 4)  # 8x8 patches of 2x4x4x3
+
+
+# ------------------------------------------------------------------------------------------ scoring
+
+
+def test_scores_shape_range_and_distribution(pointwise: VLMReward) -> None:
+    images, prompts, records = shapes_batch(5)
+    s = pointwise(images, prompts, records)
+    assert s.shape == (5,) and s.dtype == torch.float32
+    assert bool(((s >= 0) & (s <= 1)).all())
+    dist = pointwise.score_distribution(images, prompts, records)
+    assert dist.shape == (5, 5)
+    torch.testing.assert_close(dist.sum(1), torch.ones(5))
+    torch.testing.assert_close(s, ((dist * torch.arange(1.0, 6.0)).sum(1) - 1) / 4)
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_pointwise_reward_is_the_expectation_at_the_score_position(
+    pointwise: VLMReward, padding_side: str
+) -> None:
+    images, prompts, records = shapes_batch(4, seed=3)
+    prompts[0] = "a circle"  # lengths differ a lot, so padding is substantial
+    probs = hand_distribution(pointwise, images, prompts, records, [MARKER] * 4, padding_side)
+    expected = ((probs * torch.arange(1.0, 6.0)).sum(1) - 1) / 4
+    torch.testing.assert_close(pointwise(images, prompts, records), expected, atol=1e-5, rtol=1e-5)
+    # Row by row (no padding at all) agrees with the batch.
+    for i in range(4):
+        one = pointwise(images[i : i + 1], prompts[i : i + 1], records[i : i + 1])
+        torch.testing.assert_close(one, expected[i : i + 1], atol=1e-5, rtol=1e-5)
+
+
+def test_last_positions_for_any_padding() -> None:
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1], [0, 1, 1, 0]])
+    assert last_positions(mask).tolist() == [3, 2, 3, 2]
+
+
+def test_cot_reads_the_distribution_after_the_generated_reasoning() -> None:
+    rm = VLMReward(cfg(cot=True, max_cot_tokens=6))
+    images, prompts, records = shapes_batch(3, seed=5)
+    rows = rm._rows(images, records)
+    reasoning = rm.generate_reasoning(rows, prompts, [r.task for r in records])
+    assert all(r for r in reasoning)  # an untrained model never writes the marker: cut at 6 tokens
+    assert all(len(rm.tokenizer.tokenize(r)) <= 6 for r in reasoning)
+    expected = hand_distribution(rm, images, prompts, records, [answer_prefix(r) for r in reasoning], "left")
+    torch.testing.assert_close(
+        rm.score_distribution(images, prompts, records), expected, atol=1e-5, rtol=1e-5
+    )
+    assert rm.explain(images, prompts, records) == reasoning
+    plain = hand_distribution(rm, images, prompts, records, [MARKER] * 3, "left")
+    assert not torch.allclose(plain, expected)  # the reasoning is really in the context
+
+
+def test_cot_marker_stops_generation_and_splits_text() -> None:
+    tok = load_embedded_tokenizer()
+    ids = tok(
+        ["the image is blank . score : 2", "the image is blank . edges are"],
+        add_special_tokens=False,
+        padding=True,
+        return_tensors="pt",
+    )["input_ids"]
+    prompt = torch.zeros(2, 5, dtype=torch.long)
+    done = MarkerStop(tok, start=5)(torch.cat([prompt, ids], 1), torch.zeros(2, 4))
+    assert done.tolist() == [True, False]
+    assert split_at_marker("edges are blurry. Score: 4") == ("edges are blurry.", True)
+    assert split_at_marker("edges are") == ("edges are", False)
+    assert (
+        reasoning_text(["the red circle is missing", "edges are blurry."])
+        == "the red circle is missing; edges are blurry."
+    )
+    assert answer_prefix("edges are blurry.") == "edges are blurry. Score: "
+
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_a_checkpoint_chat_template_is_used_when_present() -> None:
+    """Real checkpoints carry a chat template: the prompt goes through it (here a ChatML one, which
+    must reproduce the built-in template the embedded tokenizer uses)."""
+    rm = VLMReward(cfg())
+    images, prompts, records = shapes_batch(2)
+    plain = rm(images, prompts, records)
+    rm.processor.chat_template = CHATML
+    for task in ("t2i", "edit"):
+        assert chat_text(rm.processor, "a red circle", "quality", task) == simple_chat(
+            "a red circle", "quality", task
+        )
+    rm.processor.chat_template = CHATML.replace("{{ m['role'] }}", "{{ m['role'] }} rater")
+    assert "<|im_start|>user rater" in chat_text(rm.processor, "a red circle", "quality", "t2i")
+    assert not torch.equal(rm(images, prompts, records), plain)
+
+
+def test_nan_for_tasks_not_judged() -> None:
+    rm = VLMReward(cfg(tasks=["t2i"]))
+    images, prompts, records = shapes_batch(4)
+    records[2] = RewardRecord(task="edit", source=None)
+    s = rm(images, prompts, records)
+    assert s[[0]].isfinite().all() and s[[1, 2, 3]].isnan().all()
+    both = VLMReward(cfg())
+    s = both(images, prompts, records)
+    assert s[[0, 1, 3]].isfinite().all() and s[2].isnan()  # an edit without its source cannot be judged
+    assert both.score_distribution(images, prompts, records)[2].isnan().all()
+
+
+# ------------------------------------------------------------------------------------------ losses, metrics
+
+
+def test_bradley_terry_loss_by_hand_with_ties() -> None:
+    r_a, r_b = torch.tensor([2.0, -1.0, 0.5, 0.0]), torch.tensor([0.5, 1.0, 0.5, 3.0])
+    label = torch.tensor([1.0, 0.0, 0.5, 0.5])
+    d = [1.5, -2.0, 0.0, -3.0]
+    ls = [lambda x: float(np.log(1 / (1 + np.exp(-x))))][0]
+    by_hand = [-ls(d[0]), -ls(2.0), -0.5 * (ls(0.0) + ls(0.0)), -0.5 * (ls(-3.0) + ls(3.0))]
+    torch.testing.assert_close(bradley_terry_loss(r_a, r_b, label), torch.tensor(float(np.mean(by_hand))))
+    # A tie is minimal where the two rewards are equal.
+    d_grid = torch.linspace(-2, 2, 41)
+    tie = torch.stack([bradley_terry_loss(x[None], torch.zeros(1), torch.tensor([0.5])) for x in d_grid])
+    assert int(tie.argmin()) == 20
+
+
+def test_pointwise_loss_by_hand() -> None:
+    logits = torch.tensor([[0.0, 1.0, 2.0, 0.5, -1.0], [3.0, 0.0, 0.0, 0.0, 0.0]])
+    labels = torch.tensor([3, 5])
+    p = torch.softmax(logits, -1)
+    ce = -(torch.log(p[0, 2]) + torch.log(p[1, 4])) / 2
+    e = (p * torch.arange(1.0, 6.0)).sum(1)
+    reg = (((e - labels) / 4) ** 2).mean()
+    loss, parts = pointwise_loss(logits, labels, regression_weight=0.7)
+    torch.testing.assert_close(loss, ce + 0.7 * reg)
+    torch.testing.assert_close(parts["ce"], ce)
+
+
+def test_spearman_with_ties() -> None:
+    assert rankdata(torch.tensor([10.0, 20.0, 20.0, 5.0])).tolist() == [2.0, 3.5, 3.5, 1.0]
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert spearman(x, x**3) == pytest.approx(1.0)
+    assert spearman(x, -x) == pytest.approx(-1.0)
+    # Ranks [1, 2.5, 2.5, 4, 5] and [1, 2, 3.5, 5, 3.5]: centred products sum to 7.25, both norms^2 9.5.
+    assert spearman(torch.tensor([1.0, 2, 2, 4, 5]), torch.tensor([5.0, 6, 7, 8, 7])) == pytest.approx(
+        7.25 / 9.5
+    )
+
+
+# ------------------------------------------------------------------------------------------ data, training
+
+
+def test_missing_split_or_column_is_a_user_error(tmp_path: Path) -> None:
+    data = toy_annotations(n_prompts=2, n_test_prompts=1, variants=("clean", "blank"), pairs_per_prompt=1)
+    data["pointwise"] = data["pointwise"].remove_columns("alignment")
+    del data["pairwise"]
+    data.save_to_disk(str(tmp_path / "ann"))
+    base = [
+        "train.steps=1",
+        f"data.path={tmp_path / 'ann'}",
+        f"run.out_dir={tmp_path / 'run'}",
+        "model.device=cpu",
+    ]
+    with pytest.raises(UserError, match=r"lacks column\(s\) alignment"):
+        next(train_reward_model(load_recipe(RewardTrainRecipe, None, base)))
+    with pytest.raises(UserError, match=r"missing split 'pairwise'"):
+        next(train_reward_model(load_recipe(RewardTrainRecipe, None, [*base, "model.mode=pairwise"])))
+    with pytest.raises(UserError, match="not found"):
+        load_annotations(tmp_path / "nowhere")
+
+
+def test_trains_on_the_annotation_generators_output(tmp_path: Path) -> None:
+    """The schema as `qirl.rewards.annotate` writes it (edits with source images, its reasons)."""
+    annotate = pytest.importorskip("qirl.rewards.annotate")
+    config = annotate.AnnotateConfig(
+        out_dir=str(tmp_path / "ann"),
+        n_prompts=8,
+        samples_per_prompt=3,
+        perturbed_fraction=1.0,
+        pairs_per_prompt=2,
+        test_fraction=0.25,
+        edit_fraction=0.5,
+    )
+    list(annotate.annotate(config))
+    for mode in ("pointwise", "pairwise"):
+        recipe = tiny_train(
+            tmp_path / "ann",
+            tmp_path / mode,
+            f"model.mode={mode}",
+            "train.steps=2",
+            f"model.cot={'true' if mode == 'pointwise' else 'false'}",
+            "model.max_cot_tokens=4",
+        )
+        done = list(train_reward_model(recipe))[-1]
+        assert done["done"] and done["pairwise_n"] > 0 and done["spearman_n"] > 0
+
+
+def tiny_train(toy: Path, out: Path, *extra: str) -> RewardTrainRecipe:
+    return load_recipe(
+        RewardTrainRecipe,
+        None,
+        [
+            f"data.path={toy}",
+            f"run.out_dir={out}",
+            "model.device=cpu",
+            "model.dtype=float32",
+            "model.dimension=quality",
+            "data.dimensions=[quality]",
+            "train.batch_size=8",
+            "train.warmup_steps=5",
+            "run.log_every=5",
+            *extra,
+        ],
+    )
+
+
+def test_pointwise_training_learns_an_easy_signal(toy_dir: Path, tmp_path: Path) -> None:
+    before = evaluate_reward_model(VLMReward(cfg(dimension="quality")), toy_dir)
+    rows = list(train_reward_model(tiny_train(toy_dir, tmp_path / "run", "train.steps=100", "train.lr=1e-3")))
+    losses = [r["loss"] for r in rows if "loss" in r]
+    done = rows[-1]
+    assert done["done"] and done["steps"] == 100
+    assert np.mean(losses[-2:]) < losses[0]
+    assert done["pairwise_accuracy"] > 0.8 and done["pairwise_accuracy"] > before["pairwise_accuracy"]
+    assert done["spearman"] > 0.5
+    rm = VLMReward.load(done["model"], device="cpu")
+    assert evaluate_reward_model(rm, toy_dir) == {k: v for k, v in done.items() if k in before}
+    assert (tmp_path / "run" / "metrics.jsonl").is_file()
+
+
+def test_pairwise_training_learns_and_normalises(toy_dir: Path, tmp_path: Path) -> None:
+    recipe = tiny_train(toy_dir, tmp_path / "run", "model.mode=pairwise", "train.steps=30", "train.lr=1e-3")
+    rows = list(train_reward_model(recipe))
+    losses = [r["loss"] for r in rows if "loss" in r]
+    done = rows[-1]
+    assert np.mean(losses[-2:]) < losses[0]
+    assert done["pairwise_accuracy"] > 0.8
+    meta = json.loads((Path(done["model"]) / "vlm_reward.json").read_text())["config"]
+    assert meta["head_std"] > 0 and meta["head_mean"] != 0.0  # calibrated on the training images
+
+
+def test_cot_training_step_runs_and_resumes_exactly(toy_dir: Path, tmp_path: Path) -> None:
+    args = (
+        "model.cot=true",
+        "model.max_cot_tokens=8",
+        "train.steps=6",
+        "run.checkpoint_every=3",
+        "run.log_every=1",
+        "data.max_eval=4",
+    )
+    full = list(train_reward_model(tiny_train(toy_dir, tmp_path / "full", *args)))
+    assert "lm" in full[0] and full[-1]["done"]
+    cut = tiny_train(toy_dir, tmp_path / "cut", *args)
+    for row in train_reward_model(cut):
+        if row.get("step") == 4:
+            break
+    assert latest_checkpoint(tmp_path / "cut").name == "step_00000003"
+    with pytest.raises(UserError, match="--resume"):
+        next(train_reward_model(cut))
+    resumed = list(train_reward_model(cut, resume=True))
+    assert resumed[-1]["resumed_from"] == 3
+    a = load_checkpoint(latest_checkpoint(tmp_path / "full")).tensors["model"]
+    b = load_checkpoint(latest_checkpoint(tmp_path / "cut")).tensors["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------------------------------ save / load, registry
+
+
+@pytest.mark.parametrize("mode", ["pointwise", "pairwise"])
+def test_save_load_round_trip_gives_identical_scores(mode: str, tmp_path: Path) -> None:
+    rm = VLMReward(cfg(mode=mode, dimension="fidelity", head_mean=0.3, head_std=2.0))
+    images, prompts, records = shapes_batch(4)
+    folder = rm.save(tmp_path / "rm")
+    back = VLMReward.load(folder, device="cpu")
+    assert back.config.dimension == "fidelity" and back.config.head_std == 2.0
+    assert torch.equal(rm(images, prompts, records), back(images, prompts, records))
+    rm.save(folder)  # overwriting an existing folder is atomic too
+    assert not list(tmp_path.glob(".rm.*"))
+
+
+def test_checkpoint_folder_loads_zero_shot_by_path(tmp_path: Path, pointwise: VLMReward) -> None:
+    """A folder given as `path` goes through AutoModel / processor loading, like a 7B checkpoint would."""
+    folder = pointwise.save(tmp_path / "ckpt")
+    (folder / "vlm_reward.json").unlink()  # a plain transformers checkpoint folder
+    again = VLMReward(cfg(path=str(folder)))
+    images, prompts, records = shapes_batch(3)
+    assert torch.equal(again(images, prompts, records), pointwise(images, prompts, records))
+
+
+def test_missing_or_corrupt_files_are_user_errors(tmp_path: Path) -> None:
+    folder = VLMReward(cfg(mode="pairwise")).save(tmp_path / "rm")
+    (folder / "head.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(UserError, match="head.safetensors: corrupt"):
+        VLMReward.load(folder, device="cpu")
+    (folder / "head.safetensors").unlink()
+    with pytest.raises(UserError, match="head.safetensors: missing"):
+        VLMReward.load(folder, device="cpu")
+    folder = VLMReward(cfg()).save(tmp_path / "rm2")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(UserError, match="cannot load the VLM weights"):
+        VLMReward.load(folder, device="cpu")
+    (folder / "vlm_reward.json").write_text("{not json")
+    with pytest.raises(UserError, match="vlm_reward.json: corrupt"):
+        VLMReward.load(folder)
+    with pytest.raises(UserError, match="not found"):
+        VLMReward(cfg(path=str(tmp_path / "nowhere")))
+
+
+def test_registered_by_name_and_recipes_load(tmp_path: Path) -> None:
+    for name in ("vlm_pointwise", "vlm_pointwise_cot", "vlm_pairwise"):
+        assert name in _REGISTRY
+    rm = _REGISTRY["vlm_pointwise_cot"](path=None, device="cpu")
+    assert rm.config.cot and rm.name == "vlm_pointwise_cot_alignment"
+    saved = _REGISTRY["vlm_pairwise"](device="cpu").save(tmp_path / "pair")
+    assert _REGISTRY["vlm_pairwise"](path=str(saved), device="cpu").config.mode == "pairwise"
+    with pytest.raises(UserError, match="is a pairwise VLM reward"):
+        _REGISTRY["vlm_pointwise"](path=str(saved))
+    for name in ("rm_pointwise", "rm_pairwise", "rm_pointwise_cot"):
+        path = ROOT / "recipes" / f"{name}.yaml"
+        assert f"qirl score train recipes/{name}.yaml" in path.read_text()
+        recipe = load_recipe(RewardTrainRecipe, path)
+        recipe.model.validate()
+    with pytest.raises(UserError, match="model.cot"):
+        VLMReward(cfg(mode="pairwise", cot=True))
