@@ -133,7 +133,7 @@ app.add_typer(score_app, name="score")
 def _composite(rewards: list[str] | None, recipe: Path | None):
     """A composite from `--reward` names (weight 1 each) or from the `rewards:` section of a YAML file."""
     from qirl.config import load_recipe
-    from qirl.rewards.composite import CompositeConfig, CompositeReward, RewardSpec
+    from qirl.rewards.composite import CompositeConfig, CompositeReward
 
     if rewards and recipe:
         raise UserError("give --reward or --rewards-recipe, not both")
@@ -151,15 +151,33 @@ def _composite(rewards: list[str] | None, recipe: Path | None):
             cfg = load_recipe(CompositeConfig, recipe)
         return CompositeReward.from_config(cfg)
     if rewards:
-        return CompositeReward.from_config(CompositeConfig(models=[RewardSpec(name=n) for n in rewards]))
+        return CompositeReward.from_config(CompositeConfig(models=[_reward_spec(r) for r in rewards]))
     return None
+
+
+def _reward_spec(text: str):
+    """`name` or `name:key=value,key=value` (e.g. `vlm_pointwise:path=runs/rm_pointwise/model`)."""
+    import yaml
+
+    from qirl.rewards.composite import RewardSpec
+
+    name, _, rest = text.partition(":")
+    args = {}
+    for pair in filter(None, rest.split(",")):
+        key, eq, value = pair.partition("=")
+        if not eq or not key:
+            raise UserError(f"--reward {text!r}: arguments must be key=value, got {pair!r}")
+        args[key] = yaml.safe_load(value)
+    return RewardSpec(name=name, args=args)
 
 
 @score_app.command("images")
 @user_errors
 def score_images_cmd(
     path: Annotated[Path, typer.Argument(help="A folder written by `qirl sample`, or a JSONL of images.")],
-    reward: Annotated[list[str] | None, typer.Option(help="A reward model by name (repeatable).")] = None,
+    reward: Annotated[
+        list[str] | None, typer.Option(help="A reward model: name or name:key=value,... (repeatable).")
+    ] = None,
     rewards_recipe: Annotated[Path | None, typer.Option(help="YAML with a composite (`models`, `category_weights`).")] = None,
     out: Annotated[Path | None, typer.Option(help="Output JSONL (default: scores.jsonl beside the manifest).")] = None,
     quiet: Quiet = False,
@@ -185,7 +203,7 @@ def score_annotate(
     from qirl.config import load_recipe
     from qirl.rewards.annotate import AnnotateConfig, annotate
 
-    if recipe is not None and "=" in recipe.name:  # `qirl score annotate n_prompts=50`: no file given
+    if recipe is not None and "=" in str(recipe) and not recipe.exists():  # only overrides were given
         overrides, recipe = [str(recipe), *(overrides or [])], None
     cfg = load_recipe(AnnotateConfig, recipe, overrides)
     summary = live_metrics(annotate(cfg), "annotate", quiet or json_out)

@@ -102,3 +102,54 @@ def test_user_errors_are_one_line_exit_2(tmp_path, setup, args, needle):
     assert "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1, result.output
     assert not (tmp_path / "o").exists()  # nothing half-written
+
+
+@pytest.fixture
+def keep_torch_threads():
+    """`qirl --threads N` sets torch's global thread count; give the rest of the session its own back."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_reward_pipeline_annotate_train_eval_score(tmp_path, keep_torch_threads):
+    """annotate -> train (pointwise) -> eval -> score images with the trained model, all through the CLI."""
+    data, run = tmp_path / "ann", tmp_path / "rm"
+    result = runner.invoke(
+        app,
+        ["score", "annotate", f"out_dir={data}", "n_prompts=6", "samples_per_prompt=4", "steps=[2]",
+         "guidance=[1.0]", "pairs_per_prompt=2", "test_fraction=0.34", "--json"],
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["prompts"] == 6
+    result = runner.invoke(
+        app,
+        ["--threads", "1", "score", "train", "recipes/rm_pointwise.yaml", f"data.path={data}", f"run.out_dir={run}",
+         "train.steps=4", "train.batch_size=4", "run.log_every=2", "run.eval_every=100", "run.checkpoint_every=2",
+         "--json"],
+    )
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["score", "eval", str(run), "--data", str(data), "--json"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)
+    assert 0 <= metrics["pairwise_accuracy"] <= 1 and -1 <= metrics["spearman"] <= 1
+    samples = tmp_path / "s"
+    assert runner.invoke(app, ["sample", "--prompts", "demo", "--limit", "2", "--steps", "2", "--out", str(samples), "--quiet"]).exit_code == 0
+    result = runner.invoke(
+        app, ["score", "images", str(samples), "--reward", f"vlm_pointwise:path={run / 'model'}", "--reward", "oracle", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    means = json.loads(result.stdout)["t2i_rewards"]
+    assert 0 <= means["vlm_pointwise_alignment"] <= 1 and 0 <= means["oracle"] <= 1
+
+
+def test_score_images_rejects_corrupt_image_and_bad_reward_args(tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    (tmp_path / "m.jsonl").write_text('{"image": "bad.png", "prompt": "a red circle"}\n')
+    result = runner.invoke(app, ["score", "images", str(tmp_path / "m.jsonl")])
+    assert result.exit_code == 2 and "bad.png: not a readable image" in result.output
+    assert not (tmp_path / "scores.jsonl").exists()
+    result = runner.invoke(app, ["score", "images", str(tmp_path / "m.jsonl"), "--reward", "oracle:oops"])
+    assert result.exit_code == 2 and "key=value" in result.output

@@ -75,6 +75,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from qirl.data import publish_mode
 from qirl.errors import UserError
 from qirl.shapes import (
     BACKGROUNDS,
@@ -724,7 +725,7 @@ def annotate(config: AnnotateConfig) -> Iterator[dict[str, Any]]:
                             "write": _r(t_write - t_judge), "total": _r(t_write - t0)}
         stats["config"] = asdict(config)
         (tmp / "annotations.json").write_text(json.dumps(stats, indent=1) + "\n", encoding="utf-8")
-        tmp.chmod(0o755)  # mkdtemp makes it private; the dataset is not
+        publish_mode(tmp)  # mkdtemp makes it private; the finished dataset is not
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

@@ -42,7 +42,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from qirl.data import to_pil
+from qirl.data import publish_mode, to_pil
 from qirl.errors import UserError
 from qirl.rewards.base import TASKS, RewardModel, RewardRecord
 from qirl.rewards.vlm import backbone as bb
@@ -371,6 +371,7 @@ class VLMReward(RewardModel):
                 old = path.with_name(f".{path.name}.old")
                 shutil.rmtree(old, ignore_errors=True)
                 os.rename(path, old)
+            publish_mode(tmp)
             os.rename(tmp, path)
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
