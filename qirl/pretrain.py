@@ -17,7 +17,6 @@ step) every `checkpoint_every` steps; `resume=True` continues bit-exactly on CPU
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Iterator
@@ -34,8 +33,10 @@ from qirl.data import atomic_write_text
 from qirl.errors import UserError
 from qirl.models.text import build_tokenizer
 from qirl.models.tiny_dit import TinyDiT, TinyDiTConfig
+from qirl.runlog import append_metrics, truncate_metrics
 from qirl.sampling import flow_matching_loss, sample_train_t
 from qirl.shapes import random_edit_record, random_t2i_record, render_batch
+from qirl.shapes.corpus import grammar_corpus
 from qirl.shapes.scene import Scene
 
 
@@ -140,30 +141,6 @@ def ema_update(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: floa
             ema[name].copy_(p)
 
 
-def _vocabulary_corpus(seed: int, n: int) -> list[str]:
-    """Captions and instructions of every split, so every word the grammar can say is in the vocabulary."""
-    rng = np.random.default_rng(seed + 7919)
-    texts = []
-    for i in range(n):
-        split = "creative" if i % 5 == 0 else "train"
-        texts.append(random_t2i_record(rng, split=split)["prompt"])
-        texts.append(random_edit_record(rng, split=split)["prompt"])
-    return texts
-
-
-def _append_metrics(path: Path, row: dict[str, Any]) -> None:
-    with path.open("a", encoding="utf-8") as fh:
-        fh.write(json.dumps(row) + "\n")
-
-
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """On resume, drop rows logged after the checkpoint so the loss curve continues without a fork."""
-    if not path.is_file():
-        return
-    rows = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= last_step]
-    atomic_write_text(path, "".join(r + "\n" for r in rows))
-
-
 def pretrain(recipe: PretrainRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
     """Run pretraining; yield metrics every `log_every` steps and a final summary (`done`)."""
     out = Path(recipe.run.out_dir)
@@ -188,7 +165,7 @@ def pretrain(recipe: PretrainRecipe, resume: bool = False) -> Iterator[dict[str,
 
         tokenizer = Tokenizer.from_str(tokenizer_json)
     else:
-        tokenizer = build_tokenizer(_vocabulary_corpus(recipe.run.seed, recipe.data.vocab_samples))
+        tokenizer = build_tokenizer(grammar_corpus(recipe.data.vocab_samples, recipe.run.seed + 7919))
     model = TinyDiT(recipe.model, tokenizer)
     model.train()
     opt = torch.optim.AdamW(
@@ -205,7 +182,7 @@ def pretrain(recipe: PretrainRecipe, resume: bool = False) -> Iterator[dict[str,
         data_rng.bit_generator.state = ckpt.state["data_rng"]
         gen.set_state(ckpt.tensors["rng"]["torch"])
         step = ckpt.step
-        _truncate_metrics(metrics_file, step)
+        truncate_metrics(metrics_file, step)
     else:
         atomic_write_text(out / "recipe.yaml", dump_recipe(recipe))
         metrics_file.unlink(missing_ok=True)
@@ -255,7 +232,7 @@ def pretrain(recipe: PretrainRecipe, resume: bool = False) -> Iterator[dict[str,
                 "step_s": time.perf_counter() - t0,
             }
             window.clear()
-            _append_metrics(metrics_file, row)
+            append_metrics(metrics_file, row)
             yield row
 
     final = out / "model"

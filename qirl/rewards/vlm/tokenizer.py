@@ -28,6 +28,7 @@ from transformers import PreTrainedTokenizerFast, Qwen2_5_VLProcessor
 from transformers.processing_utils import ProcessorMixin
 
 from qirl.errors import UserError
+from qirl.shapes.corpus import grammar_corpus
 
 logger = logging.getLogger(__name__)
 
@@ -67,19 +68,6 @@ def template_words() -> list[str]:
     from qirl.rewards.vlm.prompting import DIMENSIONS, template_texts
 
     return [*template_texts(), *DIMENSIONS]
-
-
-def _corpus(n: int, seed: int) -> list[str]:
-    """Captions and instructions of both Shapes splits, so every word the grammar can say is seen."""
-    from qirl.shapes import random_edit_record, random_t2i_record
-
-    rng = np.random.default_rng(seed)
-    texts = []
-    for i in range(n):
-        split = "creative" if i % 5 == 0 else "train"
-        texts.append(random_t2i_record(rng, split=split)["prompt"])
-        texts.append(random_edit_record(rng, split=split)["prompt"])
-    return texts
 
 
 def _reason_corpus(n: int, seed: int) -> list[str]:
@@ -148,7 +136,7 @@ def build_tokenizer(corpus_size: int = 4000, seed: int = 0) -> PreTrainedTokeniz
     assert scratch.normalizer is not None and scratch.pre_tokenizer is not None
     words: set[str] = set()
     texts = [
-        *_corpus(corpus_size, seed),
+        *grammar_corpus(corpus_size, seed),
         *_reason_corpus(corpus_size // 20, seed),
         *template_words(),
         *REASON_WORDS,

@@ -23,7 +23,6 @@ and the same pairwise accuracy over every two images of the same prompt.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -50,6 +49,7 @@ from qirl.rewards.vlm.data import (
 from qirl.rewards.vlm.losses import bradley_terry_loss, lm_loss, pointwise_loss
 from qirl.rewards.vlm.model import VLMReward, VLMRewardConfig
 from qirl.rewards.vlm.prompting import MARKER, answer_prefix, reasoning_text
+from qirl.runlog import append_metrics, truncate_metrics
 
 
 @dataclass
@@ -301,22 +301,6 @@ def _calibrate(rm: VLMReward, ds: Any, n: int, rng: np.random.Generator) -> tupl
     return float(raw.mean()), max(float(raw.std()), 1e-6)
 
 
-def _append_metrics(path: Path, row: dict[str, Any]) -> None:
-    with path.open("a", encoding="utf-8") as fh:
-        fh.write(json.dumps(row) + "\n")
-
-
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    if not path.is_file():
-        return
-    rows = [
-        line
-        for line in path.read_text().splitlines()
-        if line and json.loads(line).get("step", 0) <= last_step
-    ]
-    atomic_write_text(path, "".join(r + "\n" for r in rows))
-
-
 def _freeze_vision(rm: VLMReward) -> None:
     visual = getattr(rm.model.base_model, "visual", None) or getattr(rm.model, "visual", None)
     if visual is None:
@@ -384,7 +368,7 @@ def train_reward_model(recipe: RewardTrainRecipe, resume: bool = False) -> Itera
         opt.load_state_dict(ckpt.nested("optimizer"))
         data_rng.bit_generator.state = ckpt.state["data_rng"]
         step = ckpt.step
-        _truncate_metrics(metrics_file, step)
+        truncate_metrics(metrics_file, step)
     else:
         atomic_write_text(out / "recipe.yaml", dump_recipe(recipe))
         metrics_file.unlink(missing_ok=True)
@@ -436,7 +420,7 @@ def train_reward_model(recipe: RewardTrainRecipe, resume: bool = False) -> Itera
                 }
             )
             window.clear()
-            _append_metrics(metrics_file, row)
+            append_metrics(metrics_file, row)
             yield row
         if recipe.run.eval_every and step % recipe.run.eval_every == 0 and step < train.steps:
             ev = {
@@ -445,7 +429,7 @@ def train_reward_model(recipe: RewardTrainRecipe, resume: bool = False) -> Itera
                 "eval": True,
                 **evaluate_reward_model(rm, data, max_rows=recipe.data.max_eval),
             }
-            _append_metrics(metrics_file, ev)
+            append_metrics(metrics_file, ev)
             yield ev
 
     if not pointwise:
@@ -454,7 +438,7 @@ def train_reward_model(recipe: RewardTrainRecipe, resume: bool = False) -> Itera
         )
     final = rm.save(out / "model")
     evaluation = evaluate_reward_model(rm, data, max_rows=recipe.data.max_eval)
-    _append_metrics(metrics_file, {"step": step, "total": train.steps, "eval": True, **evaluation})
+    append_metrics(metrics_file, {"step": step, "total": train.steps, "eval": True, **evaluation})
     yield {
         "done": True,
         "steps": step,
