@@ -8,20 +8,26 @@ so integrating from t = 1 down to t = 0 turns noise into data, one Euler step be
 ``x_{t'} = x_t + (t' - t) v`` with ``t' < t``.
 
 Layout: grid (`timesteps`) -> velocity (`guided_velocity`) -> step (`euler_step`, and the SDE step
-beside it) -> loops (`sample_ode`, `sample_images`). The training-side helpers `add_noise` and
-`flow_matching_loss` live here too, because they are the same interpolation read the other way.
+beside it) -> loops (`sample_ode`, `sample_images`) -> GRPO rollouts (`sample_sde` -> `Rollout`,
+`trajectory_logprob`). The training-side helpers `add_noise` and `flow_matching_loss` live here too,
+because they are the same interpolation read the other way.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, overload
+from dataclasses import dataclass
+from typing import Literal, get_args, overload
 
 import torch
 from torch import Tensor
 
+from qirl import ops
 from qirl.errors import UserError
 from qirl.models.policy import Condition, FlowPolicy
+
+CfgMode = Literal["hybrid", "both", "none"]
+CFG_MODES: tuple[str, ...] = get_args(CfgMode)
 
 # --------------------------------------------------------------------------------------------- grids
 
@@ -88,9 +94,70 @@ def euler_step(x: Tensor, v: Tensor, t: Tensor | float, t_next: Tensor | float) 
     return x + dt * v
 
 
-# The SDE step with a Gaussian log-prob (Flow-GRPO's reverse-time SDE, used by GRPO rollouts and the
-# fused CFG + step + log-prob kernel) belongs here, beside `euler_step`, with the same argument order:
-# ``sde_step(x, v, t, t_next, noise_level, generator) -> (x_next, mean, std, log_prob)``.
+def _step_dt(t: float, t_next: float) -> float:
+    """``t_next - t`` computed in fp32, exactly as `euler_step` does, so an SDE step with noise level 0
+    and an Euler step give the same bits."""
+    return float(torch.tensor(t_next, dtype=torch.float32) - torch.tensor(t, dtype=torch.float32))
+
+
+def _branch_velocities(
+    policy: FlowPolicy, x: Tensor, t: float, cond: Condition, uncond: Condition | None, guidance: float
+) -> tuple[Tensor, Tensor | None]:
+    """(v_c, v_u) in fp32 from one forward: [cond ; uncond] as a batch of 2B when CFG is on (as in
+    `guided_velocity`), else (v_c, None). The combination ``v_u + s (v_c - v_u)`` is left to the kernel."""
+    b = x.shape[0]
+    t_batch = torch.full((b,), t, device=x.device, dtype=torch.float32)  # [B]
+    if uncond is None or guidance <= 1.0:
+        return policy.velocity(x, t_batch, cond).float(), None  # [B, C, H, W]
+    both = Condition.cat([cond, uncond])
+    v = policy.velocity(torch.cat([x, x]), torch.cat([t_batch, t_batch]), both).float()  # [2B, C, H, W]
+    v_c, v_u = v.chunk(2)  # [B, C, H, W] each
+    return v_c, v_u
+
+
+def _step_noise(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Standard normal [B, C, H, W] fp32 drawn on the generator's device, then moved to x's."""
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device, dtype=torch.float32).to(x.device)
+
+
+@torch.no_grad()
+def sde_step(
+    policy: FlowPolicy,
+    x: Tensor,
+    t: float,
+    t_next: float,
+    cond: Condition,
+    uncond: Condition | None,
+    guidance: float,
+    noise_level: float,
+    generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One rollout step of Flow-GRPO's SDE (formulas: `qirl.kernels.cfg_sde_step`), without grad.
+
+    ``v = v_u + s (v_c - v_u)`` (one batched forward when ``guidance > 1`` and ``uncond`` is given),
+    ``sigma_t = a sqrt(t / (1 - t))``, ``mu = x + [v + sigma_t^2 / (2 t) (x + (1 - t) v)] dt``,
+    ``x_next = mu + sigma_t sqrt(-dt) eps`` with ``dt = t_next - t < 0``, through the fused
+    `qirl.ops.cfg_sde_step`. ``noise`` is eps [B, C, H, W] (drawn from ``generator`` when None).
+    ``noise_level = 0`` is exactly `euler_step` (the log-prob is then NaN).
+
+    x [B, C, H, W] -> (x_next [B, C, H, W] in x's dtype, logp [B] fp32: the mean-over-elements Gaussian
+    log-density of the stored x_next under the guided velocity).
+    """
+    v_c, v_u = _branch_velocities(policy, x, t, cond, uncond, guidance)
+    eps = _step_noise(x, generator) if noise is None else noise.to(device=x.device, dtype=torch.float32)
+    out = ops.cfg_sde_step(
+        v_c,
+        x,
+        eps,
+        t,
+        _step_dt(t, t_next),
+        noise_level,
+        v_uncond=v_u,
+        guidance=guidance if v_u is not None else 1.0,
+    )
+    return out.x_next, out.logp
 
 
 # --------------------------------------------------------------------------------------------- loops
@@ -242,3 +309,232 @@ def flow_matching_loss(
     x_t = add_noise(x0, noise, t)  # [B, C, H, W]
     v = policy.velocity(x_t, t, cond)  # [B, C, H, W]
     return (v.float() - (noise - x0).float()).square().mean()
+
+
+# ------------------------------------------------------------------------------------------ rollouts
+
+
+@dataclass
+class Rollout:
+    """A GRPO rollout batch: what `sample_sde` recorded and what `trajectory_logprob` replays.
+
+    Grid: ``timesteps`` [N + 1] from 1 to 0; step n goes from state n (time t_n) to state n + 1.
+    Only the states a trained step needs are kept (design, data flow step 2): ``states[i]`` is grid
+    state ``state_steps[i]``, the union of n and n + 1 over ``trained_steps`` (K + 1 states for a
+    contiguous window of K steps), or all N + 1 with ``keep_all_states``. Use `state(n)`.
+
+    latents:        [B, C, H, W] fp32, the final x_0 (decode and score these).
+    states:         [S, B, C, H, W] fp32, the kept states, in grid order.
+    state_steps:    S grid indices of ``states``.
+    timesteps:      [N + 1] fp32.
+    trained_steps:  the SDE steps (sorted grid indices in [0, N)); every other step was a deterministic
+                    Euler ODE step.
+    logps_rollout:  [N, B] fp32, log-density of each stored transition under the velocity that made it
+                    (guided in `hybrid` and `both`); NaN at ODE steps (a deterministic step has none).
+    logps_cond:     [N, B] fp32 in `hybrid` and `none`: the same transitions under the CFG-free
+                    conditional velocity alone (in `none` the very tensor ``logps_rollout``); None in
+                    `both`. NaN at ODE steps.
+    noise_level:    a in ``sigma_t = a sqrt(t / (1 - t))``.
+    guidance:       the CFG scale the rollout used (1.0 for `none`).
+    cfg_mode:       `hybrid`, `both` or `none` (see `sample_sde`).
+
+    All log-probs are means over the latent elements (`qirl.ops.cfg_sde_step`'s default reduction).
+    """
+
+    latents: Tensor
+    states: Tensor
+    state_steps: tuple[int, ...]
+    timesteps: Tensor
+    trained_steps: tuple[int, ...]
+    logps_rollout: Tensor
+    logps_cond: Tensor | None
+    noise_level: float
+    guidance: float
+    cfg_mode: CfgMode
+
+    @property
+    def num_steps(self) -> int:
+        return self.timesteps.shape[0] - 1
+
+    @property
+    def logps_old(self) -> Tensor:
+        """[N, B] fp32: the old log-probs the GRPO ratio compares `trajectory_logprob` against.
+
+        The conditional ones in `hybrid` and `none` (the objective is CFG-free), the guided ones in
+        `both` (the objective keeps guidance, as in Flow-GRPO).
+        """
+        return self.logps_rollout if self.logps_cond is None else self.logps_cond
+
+    def state(self, n: int) -> Tensor:
+        """Grid state n [B, C, H, W] (index 0 is the initial noise), if it was kept."""
+        try:
+            i = self.state_steps.index(n)
+        except ValueError:
+            raise UserError(
+                f"state {n} was not kept by this rollout (kept: {list(self.state_steps)}); "
+                "pass keep_all_states=True to sample_sde to keep every state"
+            ) from None
+        return self.states[i]
+
+
+def _check_window(sde_window: Sequence[int] | None, num_steps: int) -> tuple[int, ...]:
+    if sde_window is None:
+        return tuple(range(num_steps))
+    steps = []
+    for n in sde_window:
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < num_steps:
+            raise UserError(
+                f"sde_window index {n!r} is out of range: steps are 0..{num_steps - 1} for num_steps={num_steps}"
+            )
+        steps.append(n)
+    if not steps:
+        raise UserError(
+            "sde_window is empty: a rollout needs at least one SDE step (use sample_ode for none)"
+        )
+    return tuple(sorted(set(steps)))
+
+
+@torch.no_grad()
+def sample_sde(
+    policy: FlowPolicy,
+    cond: Condition,
+    num_steps: int,
+    guidance: float = 1.0,
+    shift: float = 1.0,
+    noise_level: float = 0.7,
+    cfg_mode: CfgMode = "hybrid",
+    sde_window: Sequence[int] | None = None,
+    generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
+    uncond: Condition | None = None,
+    keep_all_states: bool = False,
+) -> Rollout:
+    """GRPO rollout: SDE steps with log-probs on the trained window, Euler ODE steps elsewhere.
+
+    On the grid `timesteps(num_steps, shift)`, step n is an `sde_step` (Flow-GRPO, Liu et al. 2025,
+    Sec. 4.2: ``x_{n+1} = mu + sigma_t sqrt(-dt) eps``, formulas in `qirl.kernels.cfg_sde_step`) when n
+    is in ``sde_window`` (None: every step) and a deterministic `euler_step` otherwise: exploration
+    only where GRPO trains (Flow-GRPO's SDE window, MixGRPO's sliding window), so ODE steps add no
+    noise the objective cannot credit. ``noise_level = 0`` gives back `sample_ode` exactly.
+
+    CFG modes (``v = v_u + s (v_c - v_u)``, ``uncond`` defaults to ``policy.null_condition(cond)``):
+    - `hybrid` (Qwen-Image-2.0-RL's default): roll out WITH guidance s, train CFG-free. The guided
+      log-prob is ``logps_rollout``; ``logps_cond`` = `qirl.ops.sde_logprob` of the same stored
+      transition under v_c alone, and that is ``logps_old``, so the first ratio of an update is 1.
+    - `both`: roll out and train with guidance (Flow-GRPO); ``logps_old`` is the guided log-prob.
+    - `none`: no guidance anywhere (``guidance`` is ignored and recorded as 1.0).
+
+    Randomness: the initial noise is ``noise`` [B, C, H, W] if given, else drawn from ``generator``;
+    the SDE noises are drawn from ``generator`` afterwards, one [B, C, H, W] per SDE step in order, so a
+    seeded generator makes the rollout deterministic. Runs without grad.
+
+    Memory kept per rollout (fp32): (S + 1) B C H W for the states and latents (S = K + 1 for a
+    contiguous window of K steps) plus 2 N B log-probs.
+    """
+    if cfg_mode not in CFG_MODES:
+        raise UserError(f"cfg_mode {cfg_mode!r} is not one of {', '.join(CFG_MODES)}")
+    if noise_level < 0:
+        raise UserError(f"noise_level must be >= 0, got {noise_level}")
+    grid_t = timesteps(num_steps, shift)  # [N + 1]
+    window = _check_window(sde_window, num_steps)
+    b = cond.batch_size
+    if noise is None:
+        x = initial_noise(policy, b, generator)  # [B, C, H, W]
+    else:
+        expected = (b, *policy.latent_shape)
+        if tuple(noise.shape) != expected:
+            raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {expected}")
+        x = noise.to(device=policy.device, dtype=torch.float32)  # [B, C, H, W]
+    if cfg_mode == "none":
+        guidance = 1.0
+    cfg = guidance > 1.0
+    if cfg and uncond is None:
+        uncond = policy.null_condition(cond)
+    keep = set(range(num_steps + 1)) if keep_all_states else {m for n in window for m in (n, n + 1)}
+    kept: list[Tensor] = []
+    logps_rollout = torch.full((num_steps, b), float("nan"), dtype=torch.float32, device=x.device)  # [N, B]
+    logps_cond = logps_rollout.clone() if cfg_mode == "hybrid" else None  # [N, B]
+    grid = grid_t.tolist()
+    for n, (t, t_next) in enumerate(zip(grid[:-1], grid[1:], strict=True)):
+        if n in keep:
+            kept.append(x)
+        v_c, v_u = _branch_velocities(policy, x, t, cond, uncond if cfg else None, guidance)
+        if n not in window:
+            v = v_c if v_u is None else v_u + guidance * (v_c - v_u)  # guided_velocity's formula
+            x = euler_step(x, v, t, t_next)  # [B, C, H, W]
+            continue
+        dt = _step_dt(t, t_next)
+        eps = _step_noise(x, generator)  # [B, C, H, W]
+        out = ops.cfg_sde_step(
+            v_c, x, eps, t, dt, noise_level, v_uncond=v_u, guidance=guidance if cfg else 1.0
+        )
+        logps_rollout[n] = out.logp
+        if logps_cond is not None:
+            logps_cond[n] = (
+                out.logp if v_u is None else ops.sde_logprob(v_c, x, out.x_next, t, dt, noise_level)
+            )
+        x = out.x_next  # [B, C, H, W]
+    if num_steps in keep:
+        kept.append(x)
+    if cfg_mode == "none":
+        logps_cond = logps_rollout
+    return Rollout(
+        latents=x,
+        states=torch.stack(kept),  # [S, B, C, H, W]
+        state_steps=tuple(sorted(keep)),
+        timesteps=grid_t,
+        trained_steps=window,
+        logps_rollout=logps_rollout,
+        logps_cond=logps_cond,
+        noise_level=float(noise_level),
+        guidance=float(guidance),
+        cfg_mode=cfg_mode,
+    )
+
+
+def trajectory_logprob(
+    policy: FlowPolicy,
+    rollout: Rollout,
+    step_index: int,
+    cond: Condition,
+    uncond: Condition | None = None,
+    guidance: float | None = None,
+) -> Tensor:
+    """Log-prob [B] fp32, WITH grad, of the recorded transition n -> n + 1 under the current policy.
+
+    ``log p_theta(x_{n+1} | x_n, c)`` of Flow-GRPO's Gaussian step (`qirl.ops.sde_logprob`, mean over
+    elements), the term the GRPO ratio ``exp(logp - rollout.logps_old[n])`` differentiates.
+    `hybrid` and `none` use the conditional velocity v_c alone; `both` uses the guided
+    ``v_u + s (v_c - v_u)`` with ``guidance`` (default: the rollout's) and ``uncond`` (default:
+    ``policy.null_condition(cond)``), batched [cond ; uncond] as in the rollout. With the policy
+    unchanged this gives back ``rollout.logps_old[n]`` (up to float reassociation).
+    """
+    if step_index not in rollout.trained_steps:
+        raise UserError(
+            f"step {step_index!r} is not a trained step of this rollout (trained: {list(rollout.trained_steps)})"
+        )
+    if cond.batch_size != rollout.latents.shape[0]:
+        raise ValueError(f"cond has batch {cond.batch_size}, the rollout has {rollout.latents.shape[0]}")
+    if rollout.cfg_mode == "both":
+        guidance = rollout.guidance if guidance is None else guidance
+        if guidance > 1.0 and uncond is None:
+            uncond = policy.null_condition(cond)
+    elif guidance is not None and guidance != 1.0:
+        raise UserError(
+            f"cfg_mode {rollout.cfg_mode!r} trains CFG-free: guidance must be 1 or None, got {guidance}"
+        )
+    else:
+        guidance, uncond = 1.0, None
+    t, t_next = rollout.timesteps[step_index].item(), rollout.timesteps[step_index + 1].item()
+    x, x_next = rollout.state(step_index), rollout.state(step_index + 1)  # [B, C, H, W] each
+    v_c, v_u = _branch_velocities(policy, x, t, cond, uncond, guidance)
+    return ops.sde_logprob(
+        v_c,
+        x,
+        x_next,
+        t,
+        _step_dt(t, t_next),
+        rollout.noise_level,
+        v_uncond=v_u,
+        guidance=guidance if v_u is not None else 1.0,
+    )

@@ -1,0 +1,208 @@
+"""Tests for the GRPO rollout in qirl.sampling: `sde_step`, `sample_sde` -> `Rollout`, `trajectory_logprob`.
+
+All on the shipped base model with few steps and a small batch: the contract is that the old log-prob a
+rollout records is exactly what the unchanged policy gives back (ratio 1), in every CFG mode.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qirl import ops
+from qirl.errors import UserError
+from qirl.models.policy import Condition, FlowPolicy
+from qirl.models.registry import load_policy
+from qirl.sampling import (
+    Rollout,
+    euler_step,
+    guided_velocity,
+    sample_ode,
+    sample_sde,
+    sde_step,
+    timesteps,
+    trajectory_logprob,
+)
+
+STEPS = 5
+SHIFT = 3.0
+GUIDANCE = 4.0
+NOISE = 0.7
+WINDOW = (0, 1, 2)
+PROMPTS = ["a red circle on the left", "a blue square", "a small green triangle at the top"]
+
+
+@pytest.fixture(scope="module")
+def policy() -> FlowPolicy:
+    return load_policy("base")
+
+
+@pytest.fixture(scope="module")
+def cond(policy: FlowPolicy) -> Condition:
+    with torch.no_grad():  # shared by the tests: no graph back into the text encoder
+        return policy.encode(PROMPTS)
+
+
+def rollout(policy: FlowPolicy, cond: Condition, seed: int = 0, **kwargs: object) -> Rollout:
+    args: dict[str, object] = dict(
+        num_steps=STEPS,
+        guidance=GUIDANCE,
+        shift=SHIFT,
+        noise_level=NOISE,
+        cfg_mode="hybrid",
+        sde_window=WINDOW,
+    )
+    args.update(kwargs)
+    return sample_sde(policy, cond, generator=torch.Generator().manual_seed(seed), **args)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "both", "none"])
+def test_ratio_is_one_with_unchanged_policy(policy: FlowPolicy, cond: Condition, mode: str) -> None:
+    r = rollout(policy, cond, cfg_mode=mode)
+    for n in r.trained_steps:
+        with torch.no_grad():
+            new = trajectory_logprob(policy, r, n, cond)  # [B]
+        torch.testing.assert_close(new, r.logps_old[n], rtol=0, atol=1e-6)
+        assert torch.exp(new - r.logps_old[n]).sub(1).abs().max() < 1e-5
+        if mode == "hybrid":
+            # The old log-prob is the CFG-free one; the guided rollout log-prob would be a wrong ratio.
+            assert r.logps_cond is not None
+            assert (r.logps_rollout[n] - r.logps_old[n]).abs().min() > 1e-4
+            assert (new - r.logps_rollout[n]).abs().min() > 1e-4
+    if mode == "both":
+        assert r.logps_cond is None and r.logps_old is r.logps_rollout
+    if mode == "none":
+        assert r.guidance == 1.0 and r.logps_old is r.logps_rollout
+
+
+def test_shapes_and_dtypes(policy: FlowPolicy, cond: Condition) -> None:
+    r = rollout(policy, cond)
+    b, shape = cond.batch_size, policy.latent_shape
+    assert r.latents.shape == (b, *shape) and r.latents.dtype == torch.float32
+    assert r.state_steps == (0, 1, 2, 3)  # only what the window needs: K + 1 states
+    assert r.states.shape == (4, b, *shape) and r.states.dtype == torch.float32
+    assert r.timesteps.shape == (STEPS + 1,)
+    torch.testing.assert_close(r.timesteps, timesteps(STEPS, SHIFT), rtol=0, atol=0)
+    assert r.trained_steps == WINDOW
+    assert r.logps_cond is not None
+    for logps in (r.logps_rollout, r.logps_cond, r.logps_old):
+        assert logps.shape == (STEPS, b) and logps.dtype == torch.float32
+        assert torch.isfinite(logps[list(WINDOW)]).all()
+        assert torch.isnan(logps[[3, 4]]).all()  # ODE steps have no log-prob
+    assert (r.cfg_mode, r.guidance, r.noise_level) == ("hybrid", GUIDANCE, NOISE)
+    full = rollout(policy, cond, keep_all_states=True, sde_window=[2, 0, 2])
+    assert full.trained_steps == (0, 2)
+    assert full.states.shape == (STEPS + 1, b, *shape)
+    torch.testing.assert_close(full.state(STEPS), full.latents, rtol=0, atol=0)
+    with pytest.raises(UserError, match="not kept"):
+        r.state(5)
+
+
+def test_deterministic_given_generator_and_noise(policy: FlowPolicy, cond: Condition) -> None:
+    a, b = rollout(policy, cond, seed=3), rollout(policy, cond, seed=3)
+    torch.testing.assert_close(a.states, b.states, rtol=0, atol=0)
+    torch.testing.assert_close(a.latents, b.latents, rtol=0, atol=0)
+    torch.testing.assert_close(a.logps_rollout, b.logps_rollout, rtol=0, atol=0, equal_nan=True)
+    assert not torch.equal(a.latents, rollout(policy, cond, seed=4).latents)
+    # Given initial noise, the generator still drives the SDE noise (and only that).
+    x0 = torch.randn(cond.batch_size, *policy.latent_shape, generator=torch.Generator().manual_seed(9))
+    c, d = rollout(policy, cond, seed=1, noise=x0), rollout(policy, cond, seed=1, noise=x0)
+    torch.testing.assert_close(c.states[0], x0, rtol=0, atol=0)
+    torch.testing.assert_close(c.latents, d.latents, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "none"])
+def test_steps_outside_window_are_euler_steps(policy: FlowPolicy, cond: Condition, mode: str) -> None:
+    window = (1, 3)
+    r = rollout(policy, cond, cfg_mode=mode, sde_window=window, keep_all_states=True)
+    grid = r.timesteps.tolist()
+    uncond = policy.null_condition(cond)
+    with torch.no_grad():
+        for n in range(STEPS):
+            x = r.state(n)
+            t = torch.full((cond.batch_size,), grid[n])
+            v = guided_velocity(policy, x, t, cond, uncond, r.guidance).float()
+            ode = euler_step(x, v, grid[n], grid[n + 1])
+            if n in window:
+                assert (r.state(n + 1) - ode).abs().max() > 1e-2  # the SDE step explored
+            else:
+                torch.testing.assert_close(r.state(n + 1), ode, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "both", "none"])
+def test_noise_level_zero_is_sample_ode(policy: FlowPolicy, cond: Condition, mode: str) -> None:
+    x0 = torch.randn(cond.batch_size, *policy.latent_shape, generator=torch.Generator().manual_seed(5))
+    r = rollout(policy, cond, cfg_mode=mode, noise=x0, noise_level=0.0, sde_window=None, keep_all_states=True)
+    g = 1.0 if mode == "none" else GUIDANCE
+    latents, traj = sample_ode(policy, cond, STEPS, guidance=g, shift=SHIFT, noise=x0, return_trajectory=True)
+    torch.testing.assert_close(r.latents, latents, rtol=0, atol=0)
+    torch.testing.assert_close(r.states, traj, rtol=0, atol=0)
+    assert torch.isnan(r.logps_rollout).all()  # std = 0: the log-density is undefined
+
+
+def test_sde_step_matches_kernel_and_euler(policy: FlowPolicy, cond: Condition) -> None:
+    b = cond.batch_size
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(b, *policy.latent_shape, generator=gen)
+    eps = torch.randn(b, *policy.latent_shape, generator=gen)
+    uncond = policy.null_condition(cond)
+    t, t_next = 0.8, 0.6
+    x_next, logp = sde_step(policy, x, t, t_next, cond, uncond, GUIDANCE, NOISE, noise=eps)
+    assert x_next.shape == x.shape and logp.shape == (b,) and logp.dtype == torch.float32
+    with torch.no_grad():
+        tb = torch.full((b,), t)
+        v_c, v_u = policy.velocity(x, tb, cond), policy.velocity(x, tb, uncond)
+        dt = float(torch.tensor(t_next) - torch.tensor(t))
+        ref = ops.cfg_sde_step(v_c, x, eps, t, dt, NOISE, v_uncond=v_u, guidance=GUIDANCE)
+    torch.testing.assert_close(x_next, ref.x_next, rtol=0, atol=1e-5)
+    torch.testing.assert_close(logp, ref.logp, rtol=0, atol=1e-5)
+    # Determinism through a generator, and noise level 0 = the Euler step.
+    a = sde_step(
+        policy, x, t, t_next, cond, uncond, GUIDANCE, NOISE, generator=torch.Generator().manual_seed(1)
+    )
+    c = sde_step(
+        policy, x, t, t_next, cond, uncond, GUIDANCE, NOISE, generator=torch.Generator().manual_seed(1)
+    )
+    torch.testing.assert_close(a[0], c[0], rtol=0, atol=0)
+    x_ode, _ = sde_step(policy, x, t, t_next, cond, uncond, GUIDANCE, 0.0, noise=eps)
+    with torch.no_grad():
+        v = guided_velocity(policy, x, torch.full((b,), t), cond, uncond, GUIDANCE).float()
+    torch.testing.assert_close(x_ode, euler_step(x, v, t, t_next), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "both"])
+def test_gradients_reach_trainable_parameters(policy: FlowPolicy, cond: Condition, mode: str) -> None:
+    r = rollout(policy, cond.index(slice(0, 2)), cfg_mode=mode)
+    params = policy.trainable_parameters()
+    try:
+        logp = trajectory_logprob(policy, r, r.trained_steps[-1], cond.index(slice(0, 2)))
+        assert logp.requires_grad and logp.shape == (2,)
+        logp.mean().backward()
+        norm = torch.sqrt(sum(p.grad.float().square().sum() for p in params if p.grad is not None))
+        assert torch.isfinite(norm) and norm > 0
+    finally:
+        for p in params:
+            p.grad = None
+
+
+def test_user_errors(policy: FlowPolicy, cond: Condition) -> None:
+    def one_line(exc: pytest.ExceptionInfo[UserError]) -> None:
+        assert "\n" not in str(exc.value)
+
+    with pytest.raises(UserError, match="cfg_mode 'cfg' is not one of hybrid, both, none") as e:
+        rollout(policy, cond, cfg_mode="cfg")
+    one_line(e)
+    for bad in ([STEPS], [-1], [0, 1.5]):
+        with pytest.raises(UserError, match="out of range") as e:
+            rollout(policy, cond, sde_window=bad)
+        one_line(e)
+    with pytest.raises(UserError, match="empty"):
+        rollout(policy, cond, sde_window=[])
+    with pytest.raises(UserError, match="noise_level"):
+        rollout(policy, cond, noise_level=-0.1)
+    r = rollout(policy, cond)
+    with pytest.raises(UserError, match="not a trained step") as e:
+        trajectory_logprob(policy, r, 4, cond)
+    one_line(e)
+    with pytest.raises(UserError, match="CFG-free"):
+        trajectory_logprob(policy, r, 0, cond, guidance=GUIDANCE)
