@@ -288,7 +288,29 @@ def _not_yet(name: str, issue: int) -> Callable[..., None]:
     return command
 
 
-app.command("curate")(_not_yet("curate", 5))
+@app.command()
+@user_errors
+def curate(
+    prompts: Annotated[str, typer.Argument(help="Prompt JSONL (or a built-in set) to curate.")],
+    recipe: Annotated[Path | None, typer.Argument(help="Curation recipe (e.g. recipes/curate.yaml).")] = None,
+    overrides: Overrides = None,
+    quiet: Quiet = False,
+    json_out: AsJson = False,
+) -> None:
+    """Keep prompts whose intra-group reward range reaches a threshold; calibrate per-category weights."""
+    from qirl.config import load_recipe
+    from qirl.rl.curate import CurateRecipe
+    from qirl.rl.curate import curate as run
+
+    if recipe is not None and "=" in str(recipe) and not recipe.exists():  # only overrides were given
+        overrides, recipe = [str(recipe), *(overrides or [])], None
+    cfg = load_recipe(CurateRecipe, recipe, [*(overrides or []), f"prompts={prompts}"])
+    summary = live_metrics(run(cfg), "curate", quiet or json_out)
+    if not json_out:
+        summary = {k: v for k, v in summary.items() if k != "per_prompt"}
+    print_summary(summary, json_out, "curation")
+
+
 app.command("grpo")(_not_yet("grpo", 5))
 app.command("distill")(_not_yet("distill", 6))
 app.command("eval")(_not_yet("eval", 7))
