@@ -311,7 +311,25 @@ def curate(
     print_summary(summary, json_out, "curation")
 
 
-app.command("grpo")(_not_yet("grpo", 5))
+@app.command()
+@user_errors
+def grpo(
+    recipe: Annotated[Path, typer.Argument(help="GRPO recipe (e.g. recipes/t2i.yaml).")],
+    overrides: Overrides = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in run.out_dir from its last checkpoint.")] = False,
+    quiet: Quiet = False,
+    json_out: AsJson = False,
+) -> None:
+    """GRPO for flow matching: SDE rollouts with hybrid CFG, group-relative multi-reward advantage."""
+    from qirl.config import load_recipe
+    from qirl.rl.grpo import GrpoRecipe
+    from qirl.rl.grpo import grpo as run
+
+    cfg = load_recipe(GrpoRecipe, recipe, overrides)
+    summary = live_metrics(run(cfg, resume=resume), "grpo", quiet or json_out)
+    print_summary(summary, json_out, "grpo")
+
+
 app.command("distill")(_not_yet("distill", 6))
 app.command("eval")(_not_yet("eval", 7))
 

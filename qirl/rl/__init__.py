@@ -1,0 +1,1 @@
+"""Reinforcement learning for flow policies: GRPO (`qirl.rl.grpo`: `GrpoRecipe`, `grpo`)."""

@@ -1,0 +1,448 @@
+"""GRPO post-training of a flow policy (`qirl grpo recipe.yaml`), Flow-GRPO style.
+
+One iteration (design, "Data flow: GRPO iteration"):
+
+1. Draw P prompt records (seeded numpy rng), encode them once under no_grad (the text encoder is
+   frozen), repeat each G times. A group shares its prompt, not its initial noise.
+2. Roll out with `sample_sde` (no grad) in micro-batches: SDE steps on the high-noise window
+   ``window_start .. window_start + window_size - 1`` (grid index from t = 1), ODE steps elsewhere.
+   Each micro-batch is decoded and handed to the `RewardService` at once, so scoring overlaps the next
+   micro-batch's rollout. Rewards R [P, G, K].
+3. Advantages (`qirl.ops.group_advantage`), per group and per reward, with the prompt's category
+   weights w(c) [P, K]:  ``A = sum_k w_k (R_k - mu_k) / (sigma_k + eps)``, clamped to [-adv_clip, adv_clip].
+   NaN rewards drop out; a row with no valid reward gets A = 0.
+4. Train on the recorded window steps n (CFG-free in `hybrid`), for each micro-batch:
+
+       logp   = log p_theta(x_{n+1} | x_n, c)            (`trajectory_logprob`, mean over latent dims)
+       r      = exp(logp - logp_old[n])                   (= 1 before the update)
+       L_clip = -mean( min(r A, clip(r, 1 - eps, 1 + eps) A) )
+       L_kl   = kl_coef * mean || v_theta(x_n, t_n, c) - v_ref(x_n, t_n, c) ||^2   (optional)
+
+   The loss is the mean over the window steps and all P G rows (micro-batches are weighted by their
+   size), gradients are accumulated, clipped to ``grad_clip`` and applied in ONE AdamW step per
+   iteration (``updates_per_iter`` > 1 repeats the update on the same rollouts; only then does the
+   ratio leave 1 and the clip bind). A non-finite loss or gradient norm skips the step (weights and
+   optimizer untouched).
+5. Metrics per iteration; every ``eval.every`` iterations the oracle overall on held-out prompts
+   (deterministic ODE sampling, fixed noise) so reward hacking shows against the training reward.
+6. Atomic checkpoints (trainable weights, optimizer, numpy + torch RNG states, iteration);
+   ``resume=True`` continues bit-exactly on CPU. The final policy is saved to ``<out_dir>/model``.
+
+The run is a generator of metric dicts; it never prints.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from qirl import ops
+from qirl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from qirl.config import dump_recipe
+from qirl.data import PromptRecord, atomic_write_text, record_from_dict
+from qirl.errors import UserError
+from qirl.models.registry import load_policy
+from qirl.rewards.base import RewardRecord
+from qirl.rewards.composite import CompositeConfig, CompositeReward, RewardSpec
+from qirl.rewards.service import RewardService
+from qirl.runlog import append_metrics, truncate_metrics
+from qirl.samples import BUILTIN_SETS, image_noise, record_source, resolve_prompts
+from qirl.sampling import CFG_MODES, sample_ode, sample_sde, trajectory_logprob
+from qirl.shapes import random_t2i_record, score_t2i
+
+SHAPES_T2I = "shapes-t2i"  # generated training prompts: random_t2i_record(rng, split="train")
+
+
+@dataclass
+class GrpoData:
+    prompts: str = SHAPES_T2I  # "shapes-t2i" (generated train split) or a JSONL path
+
+
+def _default_rewards() -> CompositeConfig:
+    return CompositeConfig(
+        models=[
+            RewardSpec(name="oracle_alignment", weight=1.0),
+            RewardSpec(name="oracle_fidelity", weight=1.0),
+            RewardSpec(name="oracle_aesthetics", weight=1.0),
+        ]
+    )
+
+
+@dataclass
+class GrpoSampling:
+    num_steps: int = 10
+    guidance: float = 3.0
+    shift: float = 1.0
+    noise_level: float = 0.7
+    cfg_mode: str = "hybrid"  # hybrid | both | none (see qirl.sampling.sample_sde)
+    window_start: int = 0  # first trained (SDE) step, grid index counted from t = 1
+    window_size: int = 4  # number of trained steps
+
+
+@dataclass
+class GrpoTrain:
+    iterations: int = 100
+    prompts_per_iter: int = 8  # P
+    group_size: int = 8  # G
+    micro_batch: int = 16  # rows per rollout / train micro-batch
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0  # linear lr warm-up (iterations), then constant
+    clip_range: float = 1e-3  # PPO ratio clip eps (small: log-probs are means over latent dims)
+    kl_coef: float = 0.0  # weight of ||v_theta - v_ref||^2 at the recorded states (0: no reference)
+    adv_clip: float = 5.0
+    adv_eps: float = 1e-4
+    grad_clip: float = 1.0
+    updates_per_iter: int = 1  # AdamW steps on each rollout batch (> 1: the ratio clip starts to bind)
+    reward_workers: int = 2  # RewardService threads
+
+
+@dataclass
+class GrpoEval:
+    every: int = 10  # iterations between held-out evaluations (0: never); also before training
+    prompts: str = "heldout-t2i"
+    n: int = 16
+    num_steps: int = 10  # ODE steps
+    guidance: float = 3.0
+    seed: int = 0
+
+
+@dataclass
+class GrpoRun:
+    out_dir: str = "runs/grpo"
+    seed: int = 0
+    log_every: int = 1
+    checkpoint_every: int = 10
+    keep_checkpoints: int = 2
+
+
+@dataclass
+class GrpoRecipe:
+    model: str = "base"  # policy spec for `load_policy` (also the frozen KL reference)
+    data: GrpoData = field(default_factory=GrpoData)
+    rewards: CompositeConfig = field(default_factory=_default_rewards)
+    sampling: GrpoSampling = field(default_factory=GrpoSampling)
+    train: GrpoTrain = field(default_factory=GrpoTrain)
+    eval: GrpoEval = field(default_factory=GrpoEval)
+    run: GrpoRun = field(default_factory=GrpoRun)
+
+
+# ----------------------------------------------------------------------------------------- helpers
+
+
+def validate(recipe: GrpoRecipe) -> None:
+    """UserError naming the key for every setting a run cannot use."""
+    s, t = recipe.sampling, recipe.train
+    if s.cfg_mode not in CFG_MODES:
+        raise UserError(f"sampling.cfg_mode must be one of {', '.join(CFG_MODES)}, got {s.cfg_mode!r}")
+    if s.num_steps < 1:
+        raise UserError(f"sampling.num_steps must be >= 1, got {s.num_steps}")
+    if s.window_size < 1 or s.window_start < 0 or s.window_start + s.window_size > s.num_steps:
+        raise UserError(
+            f"sampling window {s.window_start}..{s.window_start + s.window_size - 1} "
+            f"(window_start={s.window_start}, window_size={s.window_size}) is out of range: "
+            f"steps are 0..{s.num_steps - 1} for num_steps={s.num_steps}"
+        )
+    if s.noise_level <= 0:
+        raise UserError(
+            f"sampling.noise_level must be > 0 for GRPO (it needs SDE steps), got {s.noise_level}"
+        )
+    for key in ("iterations", "prompts_per_iter", "micro_batch", "updates_per_iter"):
+        if getattr(t, key) < 1:
+            raise UserError(f"train.{key} must be >= 1, got {getattr(t, key)}")
+    if t.group_size < 2:
+        raise UserError(f"train.group_size must be >= 2 (group statistics), got {t.group_size}")
+    if t.clip_range <= 0:
+        raise UserError(f"train.clip_range must be > 0, got {t.clip_range}")
+    if t.kl_coef < 0:
+        raise UserError(f"train.kl_coef must be >= 0, got {t.kl_coef}")
+    if t.reward_workers < 1:
+        raise UserError(f"train.reward_workers must be >= 1, got {t.reward_workers}")
+    if recipe.data.prompts.startswith("heldout"):
+        raise UserError(
+            f"data.prompts={recipe.data.prompts!r} is a held-out evaluation set; train on {SHAPES_T2I!r} or a JSONL"
+        )
+    if recipe.run.checkpoint_every < 1 or recipe.run.log_every < 1:
+        raise UserError("run.checkpoint_every and run.log_every must be >= 1")
+    if recipe.eval.every < 0 or recipe.eval.n < 0:
+        raise UserError("eval.every and eval.n must be >= 0")
+
+
+def lr_at(iteration: int, train: GrpoTrain) -> float:
+    if iteration < train.warmup_steps:
+        return train.lr * (iteration + 1) / train.warmup_steps
+    return train.lr
+
+
+class PromptSource:
+    """Training prompt records: generated from the Shapes grammar or drawn from a fixed list."""
+
+    def __init__(self, spec: str) -> None:
+        self.spec = spec
+        self.pool: list[PromptRecord] | None = None
+        if spec != SHAPES_T2I:
+            if spec in BUILTIN_SETS:
+                raise UserError(
+                    f"data.prompts={spec!r} is a built-in evaluation set; use {SHAPES_T2I!r} or a JSONL"
+                )
+            self.pool = resolve_prompts(spec)
+            if not self.pool:
+                raise UserError(f"data.prompts={spec!r}: no prompts")
+
+    def draw(self, rng: np.random.Generator, n: int) -> list[PromptRecord]:
+        if self.pool is None:
+            return [record_from_dict(random_t2i_record(rng, split="train"), SHAPES_T2I) for _ in range(n)]
+        idx = rng.choice(len(self.pool), size=n, replace=n > len(self.pool))
+        return [self.pool[int(i)] for i in idx]
+
+
+@torch.no_grad()
+def heldout_eval(policy: Any, cfg: GrpoEval) -> dict[str, float]:
+    """Oracle T2I overall (0-100) on the first ``cfg.n`` held-out prompts; ODE, fixed per-image noise."""
+    records = [r for r in resolve_prompts(cfg.prompts) if r.task == "t2i"][: cfg.n]
+    if not records:
+        return {}
+    prompts = [r.prompt for r in records]
+    cond = policy.encode(prompts, None)
+    noise = torch.stack([image_noise(cfg.seed, i, tuple(policy.latent_shape)) for i in range(len(records))])
+    latents = sample_ode(policy, cond, cfg.num_steps, guidance=cfg.guidance, noise=noise.to(policy.device))
+    images = policy.decode(latents).permute(0, 2, 3, 1).cpu().numpy()  # [B, H, W, 3]
+    scores = [score_t2i(img, p).overall for img, p in zip(images, prompts, strict=True)]
+    return {"eval_oracle_overall": float(np.mean(scores))}
+
+
+def advantages(rewards: Tensor, weights: Tensor, train: GrpoTrain) -> Tensor:
+    """GRPO advantages [P, G] from rewards [P, G, K] (NaN = missing) and per-prompt weights [P, K]:
+    ``A = clip(sum_k w_k (R_k - mu_k) / (sigma_k + eps), -adv_clip, adv_clip)`` (`ops.group_advantage`);
+    a row without any valid reward gets 0."""
+    adv = ops.group_advantage(rewards, weights, eps=train.adv_eps, clip=train.adv_clip or None)  # [P, G]
+    return torch.nan_to_num(adv, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _stats(values: list[Tensor]) -> Tensor:
+    return torch.cat([v.reshape(-1) for v in values]) if values else torch.zeros(0)
+
+
+# -------------------------------------------------------------------------------------------- loop
+
+
+def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
+    """Run GRPO; yield a metrics dict every `log_every` iterations (and eval rows), then `done`."""
+    validate(recipe)
+    out = Path(recipe.run.out_dir)
+    existing = latest_checkpoint(out) if out.exists() else None
+    if existing is not None and not resume:
+        raise UserError(f"{out}: run directory has checkpoints; pass --resume or choose another run.out_dir")
+    if resume and existing is None:
+        raise UserError(f"{out}: nothing to resume (no checkpoint found)")
+    s, tr = recipe.sampling, recipe.train
+    prompts_src = PromptSource(recipe.data.prompts)
+    composite = CompositeReward.from_config(recipe.rewards)
+    names = composite.names
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_file = out / "metrics.jsonl"
+
+    torch.manual_seed(recipe.run.seed)
+    policy = load_policy(recipe.model)
+    policy.eval()  # no dropout: the ratio must be exactly 1 before the update
+    params = list(policy.trainable_parameters())
+    trainable_ids = {id(p) for p in params}
+    trainable_names = [n for n, p in policy.named_parameters() if id(p) in trainable_ids]
+    for p in policy.parameters():
+        p.requires_grad_(id(p) in trainable_ids)
+    reference = None
+    if tr.kl_coef > 0:
+        reference = copy.deepcopy(policy)
+        reference.requires_grad_(False)
+    opt = torch.optim.AdamW(params, lr=tr.lr, weight_decay=tr.weight_decay)
+    rng = np.random.default_rng(recipe.run.seed)
+    gen = torch.Generator().manual_seed(recipe.run.seed)
+    iteration = 0
+    if existing is not None:
+        ckpt = load_checkpoint(existing)
+        missing = set(trainable_names) - set(ckpt.tensors["model"])
+        if missing:
+            raise UserError(
+                f"{existing}: checkpoint lacks weights {sorted(missing)[:3]}; was it made from another model?"
+            )
+        policy.load_state_dict(ckpt.tensors["model"], strict=False)
+        opt.load_state_dict(ckpt.nested("optimizer"))
+        rng.bit_generator.state = ckpt.state["data_rng"]
+        gen.set_state(ckpt.tensors["rng"]["torch"])
+        iteration = ckpt.step
+        truncate_metrics(metrics_file, iteration)
+    else:
+        atomic_write_text(out / "recipe.yaml", dump_recipe(recipe))
+        metrics_file.unlink(missing_ok=True)
+
+    def checkpoint() -> Path:
+        state = policy.state_dict()
+        return save_checkpoint(
+            out,
+            iteration,
+            {
+                "model": {n: state[n].detach().clone() for n in trainable_names},
+                "rng": {"torch": gen.get_state()},
+            },
+            {"data_rng": rng.bit_generator.state, "recipe": dump_recipe(recipe)},
+            nested={"optimizer": opt.state_dict()},
+            keep=recipe.run.keep_checkpoints,
+        )
+
+    window = list(range(s.window_start, s.window_start + s.window_size))
+    P, G, M = tr.prompts_per_iter, tr.group_size, tr.micro_batch
+    B = P * G
+    img_size = int(policy.decode(torch.zeros(1, *policy.latent_shape)).shape[-1])  # edit sources
+    chunks = [(a, min(a + M, B)) for a in range(0, B, M)]
+    service = RewardService(dict(zip(names, composite.rewards, strict=True)), workers=tr.reward_workers)
+    start_iteration = iteration
+    t_start = time.perf_counter()
+    skipped_total = 0
+    try:
+        if recipe.eval.every and iteration == 0:
+            row = {"step": 0, "total": tr.iterations, **heldout_eval(policy, recipe.eval)}
+            append_metrics(metrics_file, row)
+            yield row
+        while iteration < tr.iterations:
+            t0 = time.perf_counter()
+            faults_before = sum(service.faults.values())
+            # 1. prompts and conditions ------------------------------------------------------------
+            records = prompts_src.draw(rng, P)
+            sources = [record_source(r, img_size) for r in records]
+            with torch.no_grad():
+                cond_p = policy.encode([r.prompt for r in records], sources).detach()
+            cond = cond_p.repeat_interleave(G)  # rows 0,0,..,1,1,..
+            rows = [r for r in records for _ in range(G)]
+            reward_records = [
+                RewardRecord(task=r.task, category=r.category, source=src)
+                for r, src in zip(records, sources, strict=True)
+                for _ in range(G)
+            ]
+            noise = torch.randn((B, *policy.latent_shape), generator=gen)  # distinct within a group
+            # 2. rollouts, scoring overlapped ----------------------------------------------------
+            rollouts, futures = [], []
+            t_roll = time.perf_counter()
+            for a, b in chunks:
+                ro = sample_sde(
+                    policy,
+                    cond.index(slice(a, b)),
+                    s.num_steps,
+                    guidance=s.guidance,
+                    shift=s.shift,
+                    noise_level=s.noise_level,
+                    cfg_mode=s.cfg_mode,
+                    sde_window=window,
+                    generator=gen,
+                    noise=noise[a:b],
+                )
+                rollouts.append(ro)
+                with torch.no_grad():
+                    images = policy.decode(ro.latents)
+                futures.append(service.submit(images, [r.prompt for r in rows[a:b]], reward_records[a:b]))
+            rollout_s = time.perf_counter() - t_roll
+            rewards = torch.cat([f.result() for f in futures]).reshape(P, G, len(names))  # [P, G, K]
+            # 3. advantages ------------------------------------------------------------------------
+            weights = composite.weights([r.category for r in records])  # [P, K]
+            adv = advantages(rewards, weights, tr).reshape(B)  # [B]
+            # 4. policy update -------------------------------------------------------------------
+            for group in opt.param_groups:
+                group["lr"] = lr_at(iteration, tr)
+            ratios: list[Tensor] = []
+            kls: list[float] = []
+            for _epoch in range(tr.updates_per_iter):
+                opt.zero_grad(set_to_none=True)
+                loss_total = 0.0
+                finite = True
+                for (a, b), ro in zip(chunks, rollouts, strict=True):
+                    c_mb, a_mb = cond.index(slice(a, b)), adv[a:b]
+                    share = (b - a) / (B * len(window))  # mean over all rows and window steps
+                    for n in window:
+                        logp = trajectory_logprob(policy, ro, n, c_mb)  # [b - a]
+                        ratio = torch.exp(logp - ro.logps_old[n])
+                        clipped = ratio.clamp(1 - tr.clip_range, 1 + tr.clip_range)
+                        loss = -torch.minimum(ratio * a_mb, clipped * a_mb).mean()
+                        if reference is not None:
+                            x_n = ro.state(n)
+                            t_n = ro.timesteps[n].expand(b - a).to(x_n)
+                            v = policy.velocity(x_n, t_n, c_mb)
+                            with torch.no_grad():
+                                v_ref = reference.velocity(x_n, t_n, c_mb)
+                            kl = (v.float() - v_ref.float()).square().mean()
+                            loss = loss + tr.kl_coef * kl
+                            kls.append(float(kl.detach()))
+                        loss = loss * share
+                        if not torch.isfinite(loss):
+                            finite = False
+                        loss_total += float(loss.detach())
+                        loss.backward()
+                        ratios.append(ratio.detach())
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tr.grad_clip))
+                skipped = not (finite and math.isfinite(grad_norm))
+                if skipped:
+                    opt.zero_grad(set_to_none=True)  # weights and optimizer state untouched
+                    skipped_total += 1
+                else:
+                    opt.step()
+            iteration += 1
+            if iteration % recipe.run.checkpoint_every == 0 or iteration == tr.iterations:
+                checkpoint()
+            # 5. metrics --------------------------------------------------------------------------
+            r_all = _stats(ratios)
+            flat = rewards.reshape(B, len(names))
+            combined = composite.combined(flat, [r.category for r in rows])
+            row: dict[str, Any] = {"step": iteration, "total": tr.iterations}
+            for k, name in enumerate(names):
+                col = flat[:, k]
+                row[f"reward/{name}"] = (
+                    float(col[~col.isnan()].mean()) if (~col.isnan()).any() else float("nan")
+                )
+            valid = ~combined.isnan()
+            row.update(
+                {
+                    "reward": float(combined[valid].mean()) if valid.any() else float("nan"),
+                    "adv_std": float(adv.std()),
+                    "loss": loss_total,
+                    "ratio_mean": float(r_all.mean()),
+                    "ratio_max": float(r_all.max()),
+                    "clip_frac": float(((r_all - 1).abs() > tr.clip_range).float().mean()),
+                    "kl": float(np.mean(kls)) if kls else 0.0,
+                    "grad_norm": grad_norm,
+                    "skipped": skipped_total,
+                    "reward_faults": sum(service.faults.values()) - faults_before,
+                    "lr": lr_at(iteration - 1, tr),
+                    "rollout_s": rollout_s,
+                    "step_s": time.perf_counter() - t0,
+                }
+            )
+            if recipe.eval.every and iteration % recipe.eval.every == 0:
+                row.update(heldout_eval(policy, recipe.eval))
+            if (
+                iteration % recipe.run.log_every == 0
+                or iteration == tr.iterations
+                or "eval_oracle_overall" in row
+            ):
+                append_metrics(metrics_file, row)
+                yield row
+    finally:
+        service.close(wait=True)
+
+    final = out / "model"
+    policy.save_pretrained(final)
+    yield {
+        "done": True,
+        "steps": iteration,
+        "resumed_from": start_iteration,
+        "skipped": skipped_total,
+        "reward_faults": dict(service.faults),
+        "train_seconds": round(time.perf_counter() - t_start, 1),
+        "model": str(final),
+    }
