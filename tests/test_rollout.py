@@ -206,3 +206,28 @@ def test_user_errors(policy: FlowPolicy, cond: Condition) -> None:
     one_line(e)
     with pytest.raises(UserError, match="CFG-free"):
         trajectory_logprob(policy, r, 0, cond, guidance=GUIDANCE)
+
+
+def test_policy_gradient_step_moves_log_probs_with_the_advantage():
+    """One descent step on -mean(ratio * A) raises the log-prob of positive-advantage transitions and
+    lowers it for negative ones (the sign GRPO relies on), at every trained step."""
+    import torch
+
+    from qirl.models.registry import load_policy
+    from qirl.sampling import sample_sde, trajectory_logprob
+
+    policy = load_policy("base")
+    with torch.no_grad():
+        cond = policy.encode(["a red circle"] * 4).detach()
+    ro = sample_sde(policy, cond, 6, guidance=3.0, noise_level=0.7, cfg_mode="hybrid", sde_window=[0, 1],
+                    generator=torch.Generator().manual_seed(0))
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    for n in ro.trained_steps:
+        ratio = torch.exp(trajectory_logprob(policy, ro, n, cond) - ro.logps_old[n])
+        (-(ratio * adv).mean()).backward()
+    with torch.no_grad():
+        for p in policy.trainable_parameters():
+            p -= 1e-2 * p.grad
+        for n in ro.trained_steps:
+            delta = trajectory_logprob(policy, ro, n, cond) - ro.logps_old[n]
+            assert torch.all(torch.sign(delta) == adv), (n, delta)
