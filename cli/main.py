@@ -30,6 +30,7 @@ app = typer.Typer(
 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the final summary as JSON on stdout.")]
+Resume = Annotated[bool, typer.Option(help="Continue the run in run.out_dir from its last checkpoint.")]
 Overrides = Annotated[list[str] | None, typer.Argument(help="Recipe overrides, key=value (e.g. train.lr=1e-4).")]
 
 
@@ -64,23 +65,29 @@ def _setup(
         torch.set_num_threads(threads)
 
 
+def _run_recipe(schema, run, recipe: Path, overrides, resume: bool, title: str, quiet: bool, json_out: bool) -> None:
+    """Load a training recipe, run its generator with the live view, print the summary."""
+    from qirl.config import load_recipe
+
+    cfg = load_recipe(schema, recipe, overrides)
+    summary = live_metrics(run(cfg, resume=resume), title, quiet or json_out)
+    print_summary(summary, json_out, title)
+
+
 @app.command()
 @user_errors
 def pretrain(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML (e.g. recipes/pretrain.yaml).")],
     overrides: Overrides = None,
-    resume: Annotated[bool, typer.Option(help="Continue the run in run.out_dir from its last checkpoint.")] = False,
+    resume: Resume = False,
     quiet: Quiet = False,
     json_out: AsJson = False,
 ) -> None:
     """Flow-matching pretraining of the tiny unified DiT on the Shapes world (T2I + edit)."""
-    from qirl.config import load_recipe
     from qirl.pretrain import PretrainRecipe
     from qirl.pretrain import pretrain as run
 
-    cfg = load_recipe(PretrainRecipe, recipe, overrides)
-    summary = live_metrics(run(cfg, resume=resume), "pretrain", quiet or json_out)
-    print_summary(summary, json_out, "pretrain")
+    _run_recipe(PretrainRecipe, run, recipe, overrides, resume, "pretrain", quiet, json_out)
 
 
 @app.command()
@@ -215,17 +222,14 @@ def score_annotate(
 def score_train(
     recipe: Annotated[Path, typer.Argument(help="Reward-model recipe (e.g. recipes/rm_pointwise.yaml).")],
     overrides: Overrides = None,
-    resume: Annotated[bool, typer.Option(help="Continue the run in run.out_dir from its last checkpoint.")] = False,
+    resume: Resume = False,
     quiet: Quiet = False,
     json_out: AsJson = False,
 ) -> None:
     """Fine-tune a VLM reward model, pointwise (Likert distribution, optional CoT) or pairwise (Bradley-Terry)."""
-    from qirl.config import load_recipe
     from qirl.rewards.vlm import RewardTrainRecipe, train_reward_model
 
-    cfg = load_recipe(RewardTrainRecipe, recipe, overrides)
-    summary = live_metrics(train_reward_model(cfg, resume=resume), "train reward model", quiet or json_out)
-    print_summary(summary, json_out, "reward model")
+    _run_recipe(RewardTrainRecipe, train_reward_model, recipe, overrides, resume, "train reward model", quiet, json_out)
 
 
 @score_app.command("eval")
@@ -316,18 +320,15 @@ def curate(
 def grpo(
     recipe: Annotated[Path, typer.Argument(help="GRPO recipe (e.g. recipes/t2i.yaml).")],
     overrides: Overrides = None,
-    resume: Annotated[bool, typer.Option(help="Continue the run in run.out_dir from its last checkpoint.")] = False,
+    resume: Resume = False,
     quiet: Quiet = False,
     json_out: AsJson = False,
 ) -> None:
     """GRPO for flow matching: SDE rollouts with hybrid CFG, group-relative multi-reward advantage."""
-    from qirl.config import load_recipe
     from qirl.rl.grpo import GrpoRecipe
     from qirl.rl.grpo import grpo as run
 
-    cfg = load_recipe(GrpoRecipe, recipe, overrides)
-    summary = live_metrics(run(cfg, resume=resume), "grpo", quiet or json_out)
-    print_summary(summary, json_out, "grpo")
+    _run_recipe(GrpoRecipe, run, recipe, overrides, resume, "grpo", quiet, json_out)
 
 
 app.command("distill")(_not_yet("distill", 6))

@@ -27,13 +27,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from qirl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from qirl.checkpoint import load_checkpoint, save_checkpoint
 from qirl.config import dump_recipe
-from qirl.data import atomic_write_text
 from qirl.errors import UserError
 from qirl.models.text import build_tokenizer
 from qirl.models.tiny_dit import TinyDiT, TinyDiTConfig
-from qirl.runlog import append_metrics, truncate_metrics
+from qirl.runlog import append_metrics, checkpoint_to_resume, start_metrics
 from qirl.sampling import flow_matching_loss, sample_train_t
 from qirl.shapes import random_edit_record, random_t2i_record, render_batch
 from qirl.shapes.corpus import grammar_corpus
@@ -144,18 +143,12 @@ def ema_update(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: floa
 def pretrain(recipe: PretrainRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
     """Run pretraining; yield metrics every `log_every` steps and a final summary (`done`)."""
     out = Path(recipe.run.out_dir)
-    existing = latest_checkpoint(out) if out.exists() else None
-    if existing is not None and not resume:
-        raise UserError(f"{out}: run directory has checkpoints; pass --resume or choose another run.out_dir")
-    if resume and existing is None:
-        raise UserError(f"{out}: nothing to resume (no checkpoint found)")
+    existing = checkpoint_to_resume(out, resume)
     if recipe.train.timestep_sampling not in ("logit_normal", "uniform"):
         raise UserError(f"train.timestep_sampling must be logit_normal or uniform, got {recipe.train.timestep_sampling!r}")
     TinyDiTConfig.from_dict(asdict(recipe.model), "recipe model")  # validates: UserError naming the key
     if recipe.run.export_dtype not in _EXPORT_DTYPES:
         raise UserError(f"run.export_dtype must be one of {', '.join(_EXPORT_DTYPES)}, got {recipe.run.export_dtype!r}")
-    out.mkdir(parents=True, exist_ok=True)
-    metrics_file = out / "metrics.jsonl"
 
     torch.manual_seed(recipe.run.seed)
     if existing is not None:
@@ -182,10 +175,7 @@ def pretrain(recipe: PretrainRecipe, resume: bool = False) -> Iterator[dict[str,
         data_rng.bit_generator.state = ckpt.state["data_rng"]
         gen.set_state(ckpt.tensors["rng"]["torch"])
         step = ckpt.step
-        truncate_metrics(metrics_file, step)
-    else:
-        atomic_write_text(out / "recipe.yaml", dump_recipe(recipe))
-        metrics_file.unlink(missing_ok=True)
+    metrics_file = start_metrics(out, recipe, step if existing is not None else None)
 
     def checkpoint() -> Path:
         return save_checkpoint(

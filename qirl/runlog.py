@@ -6,7 +6,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from qirl.checkpoint import latest_checkpoint
+from qirl.config import dump_recipe
 from qirl.data import atomic_write_text
+from qirl.errors import UserError
 
 
 def append_metrics(path: Path, row: dict[str, Any]) -> None:
@@ -20,3 +23,30 @@ def truncate_metrics(path: Path, last_step: int) -> None:
         return
     rows = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= last_step]
     atomic_write_text(path, "".join(r + "\n" for r in rows))
+
+
+def checkpoint_to_resume(out: Path, resume: bool) -> Path | None:
+    """The checkpoint a run continues from, None for a fresh run.
+
+    A fresh run never overwrites a run directory that has checkpoints, and `--resume` with nothing to
+    resume is an error: both are one-line `UserError`s naming the directory.
+    """
+    existing = latest_checkpoint(out) if out.exists() else None
+    if existing is not None and not resume:
+        raise UserError(f"{out}: run directory has checkpoints; pass --resume or choose another run.out_dir")
+    if resume and existing is None:
+        raise UserError(f"{out}: nothing to resume (no checkpoint found)")
+    return existing
+
+
+def start_metrics(out: Path, recipe: Any, resumed_step: int | None) -> Path:
+    """The run's `metrics.jsonl`: cut back to `resumed_step` on resume; on a fresh run, any old log is
+    removed and the recipe is written beside it (`recipe.yaml`, to rerun the run exactly)."""
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_file = out / "metrics.jsonl"
+    if resumed_step is not None:
+        truncate_metrics(metrics_file, resumed_step)
+    else:
+        atomic_write_text(out / "recipe.yaml", dump_recipe(recipe))
+        metrics_file.unlink(missing_ok=True)
+    return metrics_file

@@ -46,15 +46,15 @@ import torch
 from torch import Tensor
 
 from qirl import ops
-from qirl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from qirl.checkpoint import load_checkpoint, save_checkpoint
 from qirl.config import dump_recipe
-from qirl.data import PromptRecord, atomic_write_text, record_from_dict
+from qirl.data import PromptRecord, record_from_dict
 from qirl.errors import UserError
 from qirl.models.registry import load_policy
 from qirl.rewards.base import RewardRecord
 from qirl.rewards.composite import CompositeConfig, CompositeReward, RewardSpec
 from qirl.rewards.service import RewardService
-from qirl.runlog import append_metrics, truncate_metrics
+from qirl.runlog import append_metrics, checkpoint_to_resume, start_metrics
 from qirl.samples import BUILTIN_SETS, image_noise, record_source, resolve_prompts
 from qirl.sampling import CFG_MODES, sample_ode, sample_sde, trajectory_logprob
 from qirl.shapes import random_t2i_record, score_t2i
@@ -239,17 +239,11 @@ def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
     """Run GRPO; yield a metrics dict every `log_every` iterations (and eval rows), then `done`."""
     validate(recipe)
     out = Path(recipe.run.out_dir)
-    existing = latest_checkpoint(out) if out.exists() else None
-    if existing is not None and not resume:
-        raise UserError(f"{out}: run directory has checkpoints; pass --resume or choose another run.out_dir")
-    if resume and existing is None:
-        raise UserError(f"{out}: nothing to resume (no checkpoint found)")
+    existing = checkpoint_to_resume(out, resume)
     s, tr = recipe.sampling, recipe.train
     prompts_src = PromptSource(recipe.data.prompts)
     composite = CompositeReward.from_config(recipe.rewards)
     names = composite.names
-    out.mkdir(parents=True, exist_ok=True)
-    metrics_file = out / "metrics.jsonl"
 
     torch.manual_seed(recipe.run.seed)
     policy = load_policy(recipe.model)
@@ -279,10 +273,7 @@ def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
         rng.bit_generator.state = ckpt.state["data_rng"]
         gen.set_state(ckpt.tensors["rng"]["torch"])
         iteration = ckpt.step
-        truncate_metrics(metrics_file, iteration)
-    else:
-        atomic_write_text(out / "recipe.yaml", dump_recipe(recipe))
-        metrics_file.unlink(missing_ok=True)
+    metrics_file = start_metrics(out, recipe, iteration if existing is not None else None)
 
     def checkpoint() -> Path:
         state = policy.state_dict()

@@ -34,9 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from qirl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from qirl.checkpoint import load_checkpoint, save_checkpoint
 from qirl.config import dump_recipe
-from qirl.data import atomic_write_text
 from qirl.errors import UserError
 from qirl.rewards.vlm.data import (
     LABEL_COLUMNS,
@@ -49,7 +48,7 @@ from qirl.rewards.vlm.data import (
 from qirl.rewards.vlm.losses import bradley_terry_loss, lm_loss, pointwise_loss
 from qirl.rewards.vlm.model import VLMReward, VLMRewardConfig
 from qirl.rewards.vlm.prompting import MARKER, answer_prefix, reasoning_text
-from qirl.runlog import append_metrics, truncate_metrics
+from qirl.runlog import append_metrics, checkpoint_to_resume, start_metrics
 
 
 @dataclass
@@ -326,11 +325,7 @@ def train_reward_model(recipe: RewardTrainRecipe, resume: bool = False) -> Itera
     """Train a VLM reward model; yield metrics every `log_every` steps (and evaluations), then `done`."""
     _check(recipe)
     out = Path(recipe.run.out_dir)
-    existing = latest_checkpoint(out) if out.exists() else None
-    if existing is not None and not resume:
-        raise UserError(f"{out}: run directory has checkpoints; pass --resume or choose another run.out_dir")
-    if resume and existing is None:
-        raise UserError(f"{out}: nothing to resume (no checkpoint found)")
+    existing = checkpoint_to_resume(out, resume)
     pointwise = recipe.model.mode == "pointwise"
     data = load_annotations(recipe.data.path)
     where = recipe.data.path
@@ -359,8 +354,6 @@ def train_reward_model(recipe: RewardTrainRecipe, resume: bool = False) -> Itera
         rm.trainable_parameters(), lr=recipe.train.lr, weight_decay=recipe.train.weight_decay
     )
     data_rng = np.random.default_rng(recipe.run.seed)
-    out.mkdir(parents=True, exist_ok=True)
-    metrics_file = out / "metrics.jsonl"
     step = 0
     if existing is not None:
         ckpt = load_checkpoint(existing)
@@ -368,10 +361,7 @@ def train_reward_model(recipe: RewardTrainRecipe, resume: bool = False) -> Itera
         opt.load_state_dict(ckpt.nested("optimizer"))
         data_rng.bit_generator.state = ckpt.state["data_rng"]
         step = ckpt.step
-        truncate_metrics(metrics_file, step)
-    else:
-        atomic_write_text(out / "recipe.yaml", dump_recipe(recipe))
-        metrics_file.unlink(missing_ok=True)
+    metrics_file = start_metrics(out, recipe, step if existing is not None else None)
 
     def checkpoint() -> None:
         save_checkpoint(
