@@ -5,6 +5,7 @@ No training logic lives here. User mistakes (`UserError`) end as one line on std
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -35,7 +36,7 @@ Overrides = Annotated[list[str] | None, typer.Argument(help="Recipe overrides, k
 
 
 def user_errors(fn: F) -> F:
-    """Turn `UserError` into one line and exit 2; a bug keeps its traceback."""
+    """Turn `UserError` (and a full disk) into one line and exit 2; a bug keeps its traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -43,6 +44,17 @@ def user_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except UserError as err:
             err_console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # Checkpoints and outputs are written to a temporary name and renamed: nothing is half-written.
+            err_console.print(
+                f"[red]error:[/red] disk full ({err.strerror}); earlier checkpoints and outputs are intact, "
+                "free space and resume with --resume",
+                highlight=False,
+                soft_wrap=True,
+            )
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("interrupted; the last checkpoint is intact (resume with --resume)")
@@ -332,7 +344,113 @@ def grpo(
 
 
 app.command("distill")(_not_yet("distill", 6))
-app.command("eval")(_not_yet("eval", 7))
+eval_app = typer.Typer(
+    help="Evaluate models: benchmark pillars, Elo / Bradley-Terry arenas, offline reports.", no_args_is_help=True
+)
+app.add_typer(eval_app, name="eval")
+
+EvalModels = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--model", "--models",
+        help="MODEL or LABEL=MODEL, optionally with @steps=N@guidance=S@shift=F; MODEL: 'base', a model or a run "
+        "folder. Comma-separated and repeatable.",
+    ),
+]
+Judge = Annotated[list[str] | None, typer.Option(help="Judge: 'oracle' or a reward model name[:key=value,...] (repeatable).")]
+Steps = Annotated[int, typer.Option(help="Euler ODE steps (default for every model).")]
+Guidance = Annotated[float, typer.Option(help="CFG scale (default for every model).")]
+Shift = Annotated[float, typer.Option(help="Flow-matching time shift (default for every model).")]
+NPrompts = Annotated[int | None, typer.Option(help="Use only the first N prompts of the set.")]
+Bootstrap = Annotated[int, typer.Option(help="Bootstrap resamples for the 95% intervals (0 = none).")]
+
+
+@eval_app.command("bench")
+@user_errors
+def eval_bench(
+    model: EvalModels = None,
+    task: Annotated[str, typer.Option(help="t2i, edit or all.")] = "all",
+    out: Annotated[Path, typer.Option(help="Output folder (bench.json, scores.jsonl, grids/).")] = Path("runs/bench"),
+    judge: Judge = None,
+    seeds: Annotated[int, typer.Option(help="Images per prompt (seeds 0..N-1).")] = 3,
+    n_prompts: NPrompts = None,
+    prompts: Annotated[str | None, typer.Option(help="Prompt JSONL or built-in set (default: heldout-t2i / heldout-edit).")] = None,
+    steps: Steps = 20,
+    guidance: Guidance = 3.0,
+    shift: Shift = 1.0,
+    bootstrap: Bootstrap = 1000,
+    batch_size: int = 64,
+    quiet: Quiet = False,
+    json_out: AsJson = False,
+) -> None:
+    """Qwen-Image-Bench pillars (T2I) and success / preservation / quality (edit), with 95% intervals."""
+    from qirl.eval.bench import flat_summary, run_bench
+    from qirl.eval.models import Sampling
+
+    stream = run_bench(
+        model or ["base"], out, task, n_prompts, seeds, judge or ["oracle"], Sampling(steps, guidance, shift),
+        prompts, bootstrap, batch_size,
+    )
+    summary = live_metrics(stream, "bench", quiet or json_out)
+    print_summary(summary if json_out else flat_summary(summary), json_out, "bench")
+
+
+@eval_app.command("arena")
+@user_errors
+def eval_arena(
+    models: EvalModels = None,
+    task: Annotated[str | None, typer.Option(help="t2i or edit (default: the folder's, else t2i).")] = None,
+    out: Annotated[Path, typer.Option(help="Arena folder (votes.jsonl, arena.json); extended if it exists.")] = Path(
+        "runs/arena"
+    ),
+    judge: Annotated[
+        list[str] | None,
+        typer.Option(help="annotators (oracle + noise, default), oracle, human (writes vote.html), or reward name[:k=v].")
+    ] = None,
+    votes: Annotated[list[Path] | None, typer.Option(help="Add votes from a JSONL file (repeatable).")] = None,
+    seeds: Annotated[int, typer.Option(help="Seeds per prompt (0..N-1).")] = 1,
+    n_prompts: NPrompts = None,
+    prompts: Annotated[str | None, typer.Option(help="Prompt JSONL or built-in set.")] = None,
+    steps: Steps = 20,
+    guidance: Guidance = 3.0,
+    shift: Shift = 1.0,
+    noise: Annotated[float, typer.Option(help="Simulated annotators' perception noise (sd, score points).")] = 8.0,
+    tie_margin: Annotated[float, typer.Option(help="A vote is a tie when scores differ by less (points).")] = 2.0,
+    judge_seed: Annotated[int, typer.Option(help="Seed of the simulated annotators.")] = 0,
+    k: Annotated[float, typer.Option("--k", help="Online Elo K factor.")] = 16.0,
+    bootstrap: Bootstrap = 1000,
+    anchor: Annotated[str | None, typer.Option(help="Model fixed at --anchor-rating (default: the first).")] = None,
+    anchor_rating: float = 1000.0,
+    batch_size: int = 64,
+    quiet: Quiet = False,
+    json_out: AsJson = False,
+) -> None:
+    """Pairwise arena: same prompts and seeds for every model, votes, Elo and Bradley-Terry with 95% intervals."""
+    from qirl.eval.arena import flat_summary, run_arena
+    from qirl.eval.judges import VotePolicy
+    from qirl.eval.models import Sampling
+
+    stream = run_arena(
+        out, models or [], task, judge or ["annotators"], votes or [], n_prompts, seeds, prompts,
+        Sampling(steps, guidance, shift), VotePolicy(noise, tie_margin, judge_seed), k, bootstrap, anchor,
+        anchor_rating, batch_size,
+    )
+    summary = live_metrics(stream, "arena", quiet or json_out)
+    print_summary(summary if json_out else flat_summary(summary), json_out, "arena")
+
+
+@eval_app.command("report")
+@user_errors
+def eval_report(
+    inputs: Annotated[list[Path], typer.Argument(help="Bench and arena folders.")],
+    out: Annotated[Path, typer.Option(help="Report folder (report.md, report.html, figures/).")] = Path("runs/report"),
+    title: str = "qirl evaluation",
+    json_out: AsJson = False,
+) -> None:
+    """Markdown and a self-contained HTML report (tables, pillar bars, ratings, win rates, sample grids)."""
+    from qirl.eval.report import build_report
+
+    print_summary(build_report(inputs, out, title), json_out, "report")
 
 
 def main() -> None:

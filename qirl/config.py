@@ -28,6 +28,47 @@ def _omegaconf_message(err: OmegaConfBaseException) -> str:
     return f"{first} (key '{key}')" if key and key not in first else first
 
 
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise UserError(f"{path}{where}: malformed YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _resolve_includes(data: Any, base_dir: Path, chain: tuple[Path, ...]) -> Any:
+    """Expand ``include: file.yaml`` (or a list of files) inside any mapping of a recipe.
+
+    The included mapping is merged at the position of the ``include`` key, under the mapping's own keys
+    (which win), so a section can pull in a generated file, e.g. ``rewards: {include: weights.yaml}``
+    with the ``category_weights`` written by ``qirl curate``. Paths are relative to the including file.
+    """
+    if isinstance(data, list):
+        return [_resolve_includes(v, base_dir, chain) for v in data]
+    if not isinstance(data, dict):
+        return data
+    own = {k: _resolve_includes(v, base_dir, chain) for k, v in data.items() if k != "include"}
+    if "include" not in data:
+        return own
+    files = data["include"] if isinstance(data["include"], list) else [data["include"]]
+    layers = []
+    for name in files:
+        if not isinstance(name, str):
+            raise UserError(f"{chain[-1]}: include must be a file name or a list of them, got {name!r}")
+        path = (base_dir / name).resolve()
+        if path in chain:
+            raise UserError(f"{chain[-1]}: include cycle through {path}")
+        layers.append(OmegaConf.create(_resolve_includes(_read_yaml(path), path.parent, (*chain, path))))
+    merged = OmegaConf.merge(*layers, OmegaConf.create(own))
+    return OmegaConf.to_container(merged)
+
+
 def load_recipe(schema: type[T], path: str | Path | None, overrides: list[str] | None = None) -> T:
     """Load `path` (YAML) over the defaults of `schema`, then apply `key=value` overrides.
 
@@ -38,16 +79,7 @@ def load_recipe(schema: type[T], path: str | Path | None, overrides: list[str] |
     layers = [base]
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise UserError(f"{path}: recipe file not found")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f":{mark.line + 1}" if mark is not None else ""
-            raise UserError(f"{path}{where}: malformed YAML ({getattr(err, 'problem', err)})") from None
-        if not isinstance(data, dict):
-            raise UserError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
+        data = _resolve_includes(_read_yaml(path), path.parent, (path.resolve(),))
         try:
             layers.append(OmegaConf.create(data))
             merged = OmegaConf.merge(*layers)

@@ -50,3 +50,34 @@ def start_metrics(out: Path, recipe: Any, resumed_step: int | None) -> Path:
         atomic_write_text(out / "recipe.yaml", dump_recipe(recipe))
         metrics_file.unlink(missing_ok=True)
     return metrics_file
+
+
+class MetricsLog:
+    """Appends metric rows to ``metrics.jsonl`` and, when TensorBoard is installed, to ``<out>/tb``.
+
+    TensorBoard is optional (``pip install tensorboard``): the JSONL is the record, the event files are
+    a view of it. Only finite scalar values are sent there, keyed as in the JSONL.
+    """
+
+    def __init__(self, path: Path, tensorboard: bool = True) -> None:
+        self.path = path
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard not installed: JSONL only
+                SummaryWriter = None  # noqa: N806
+            if SummaryWriter is not None:
+                self.writer = SummaryWriter(log_dir=str(path.parent / "tb"))
+
+    def append(self, row: dict[str, Any]) -> None:
+        append_metrics(self.path, row)
+        if self.writer is not None and "step" in row:
+            for key, value in row.items():
+                if key not in ("step", "total") and isinstance(value, (int, float)) and value == value:
+                    self.writer.add_scalar(key, value, row["step"])
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -100,6 +100,24 @@ def _step_dt(t: float, t_next: float) -> float:
     return float(torch.tensor(t_next, dtype=torch.float32) - torch.tensor(t, dtype=torch.float32))
 
 
+def sde_kl_factor(t: float, t_next: float, noise_level: float) -> float:
+    """k with ``KL(N(mu_theta, std^2 I) || N(mu_ref, std^2 I)) = k ||v_theta - v_ref||^2`` per element.
+
+    Both transitions share std (Flow-GRPO's SDE step, `qirl.kernels.cfg_sde_step`), and the mean
+    ``mu = x + [v + c (x + (1 - t) v)] dt`` with ``c = a^2 / (2 (1 - t))`` is affine in v with slope
+    ``(1 + c (1 - t)) dt``, so the Gaussian KL ``(mu_theta - mu_ref)^2 / (2 std^2)`` (Flow-GRPO's KL
+    term, Liu et al. 2025, eq. 6) is ``k (v_theta - v_ref)^2`` with
+    ``k = ((1 + c (1 - t)) dt)^2 / (2 std^2)``, ``std^2 = a^2 t / (1 - t) (-dt)``. The t = 1 guard of the
+    kernel (``1 - t`` -> ``-dt`` inside c and std) is applied the same way.
+    """
+    dt = _step_dt(t, t_next)
+    one_minus_t = -dt if t >= 1.0 else 1.0 - t
+    a2 = noise_level * noise_level
+    c = a2 / (2.0 * one_minus_t)
+    var = a2 * t / one_minus_t * -dt
+    return ((1.0 + c * (1.0 - t)) * dt) ** 2 / (2.0 * var)
+
+
 def _branch_velocities(
     policy: FlowPolicy, x: Tensor, t: float, cond: Condition, uncond: Condition | None, guidance: float
 ) -> tuple[Tensor, Tensor | None]:

@@ -160,3 +160,21 @@ def test_failed_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
     assert latest.name == "step_00000001"
     assert torch.equal(load_checkpoint(latest).tensors["model"]["w"], torch.ones(2))
     assert not list((tmp_path / "checkpoints").glob(".*tmp"))
+
+
+def test_recipe_include_merges_under_the_section(tmp_path):
+    from qirl.rl.grpo import GrpoRecipe
+
+    (tmp_path / "w.yaml").write_text("category_weights:\n  counting: {oracle_alignment: 2.0}\n")
+    (tmp_path / "r.yaml").write_text(
+        "rewards:\n  include: w.yaml\n  models:\n    - {name: oracle_alignment}\n"
+    )
+    cfg = load_recipe(GrpoRecipe, tmp_path / "r.yaml")
+    assert cfg.rewards.category_weights == {"counting": {"oracle_alignment": 2.0}}
+    assert [m.name for m in cfg.rewards.models] == ["oracle_alignment"]
+    (tmp_path / "r2.yaml").write_text("rewards:\n  include: missing.yaml\n")
+    with pytest.raises(UserError, match="missing.yaml: recipe file not found"):
+        load_recipe(GrpoRecipe, tmp_path / "r2.yaml")
+    (tmp_path / "loop.yaml").write_text("include: loop.yaml\n")
+    with pytest.raises(UserError, match="include cycle"):
+        load_recipe(GrpoRecipe, tmp_path / "loop.yaml")

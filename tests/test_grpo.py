@@ -126,10 +126,120 @@ def test_resume_is_exact(tmp_path):
         ("sampling.cfg_mode=bogus", "cfg_mode"),
         ("sampling.window_start=2", "out of range"),
         ("sampling.window_size=0", "out of range"),
-        ("data.prompts=heldout-t2i", "held-out"),
+        ("data.prompts=heldout-t2i", "evaluation set"),
         ("train.group_size=1", "group_size"),
     ],
 )
 def test_bad_recipe_is_a_user_error(tmp_path, override, match):
     with pytest.raises(UserError, match=match):
         rows(recipe(tmp_path / "bad", override))
+
+
+def test_lora_trains_only_adapters_and_exports_a_merged_model(tmp_path):
+    out = rows(recipe(tmp_path / "l", "train.iterations=2", "train.lora_rank=4", "run.checkpoint_every=1"))
+    assert abs(out[0]["ratio_mean"] - 1) < 1e-5 and out[0]["grad_norm"] > 0
+    ckpt = load_checkpoint(latest_checkpoint(tmp_path / "l"))
+    assert ckpt.tensors["model"] and all("lora_" in n for n in ckpt.tensors["model"])
+    merged = load_policy(str(tmp_path / "l" / "model"))  # an ordinary model directory
+    base = load_policy("base")
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    changed = [n for n, p in base.state_dict().items() if not torch.equal(p, merged.state_dict()[n])]
+    assert changed and all(n.startswith("blocks.") for n in changed)  # only the adapted DiT layers moved
+    resumed = rows(recipe(tmp_path / "l", "train.iterations=3", "train.lora_rank=4", "run.checkpoint_every=1"), resume=True)
+    assert resumed[-1]["steps"] == 3
+
+
+def test_ema_is_checkpointed_and_used_for_export(tmp_path):
+    rows(recipe(tmp_path / "e", "train.iterations=2", "train.ema_decay=0.5", "run.checkpoint_every=1"))
+    ckpt = load_checkpoint(latest_checkpoint(tmp_path / "e"))
+    exported = load_policy(str(tmp_path / "e" / "model")).state_dict()
+    name = next(n for n in ckpt.tensors["ema"] if n.startswith("blocks."))
+    assert not torch.equal(ckpt.tensors["ema"][name], ckpt.tensors["model"][name])
+    torch.testing.assert_close(exported[name], ckpt.tensors["ema"][name].to(exported[name].dtype))
+
+
+@pytest.mark.parametrize("space", ["velocity", "mean"])
+def test_kl_to_reference_is_zero_then_positive(tmp_path, space):
+    out = rows(recipe(tmp_path / space, "train.iterations=2", "train.kl_coef=0.1", f"train.kl_space={space}"))
+    assert out[0]["kl"] == pytest.approx(0.0, abs=1e-12)  # policy == reference before the first step
+    assert out[1]["kl"] > 0
+
+
+def test_sde_kl_factor_is_the_gaussian_kl_of_the_transition():
+    from qirl import ops
+    from qirl.sampling import sde_kl_factor
+
+    gen = torch.Generator().manual_seed(0)
+    for t, t_next in [(1.0, 0.9), (0.7, 0.6), (0.3, 0.2)]:
+        x = torch.randn(2, 3, 4, 4, generator=gen)
+        v1 = torch.randn(x.shape, generator=gen)
+        v2 = v1 + 0.1 * torch.randn(x.shape, generator=gen)
+        # Equal-variance Gaussians: log p1(mu1) - log p2(mu1) is exactly their KL.
+        step = ops.cfg_sde_step(v1, x, torch.zeros_like(x), t, t_next - t, 0.7)
+        kl = step.logp - ops.sde_logprob(v2, x, step.x_next, t, t_next - t, 0.7)
+        expected = sde_kl_factor(t, t_next, 0.7) * (v1 - v2).square().flatten(1).mean(1)
+        torch.testing.assert_close(kl, expected, rtol=1e-3, atol=1e-7)
+
+
+def test_window_slides_and_wraps():
+    from qirl.rl.grpo import GrpoSampling, window_at
+
+    s = GrpoSampling(num_steps=6, window_start=1, window_size=2, window_slide=2)
+    assert [window_at(i, s) for i in (0, 1, 2, 4, 6, 8)] == [[1, 2], [1, 2], [2, 3], [3, 4], [4, 5], [1, 2]]
+    assert window_at(5, GrpoSampling(window_start=0, window_size=4)) == [0, 1, 2, 3]
+
+
+def test_nan_loss_skips_the_step_and_keeps_weights(tmp_path, monkeypatch):
+    import qirl.rl.grpo as g
+
+    real = g.trajectory_logprob
+    monkeypatch.setattr(g, "trajectory_logprob", lambda *a, **k: real(*a, **k) * float("nan"))
+    out = rows(recipe(tmp_path / "nan", "train.iterations=2"))
+    assert out[-1]["skipped"] == 2 and out[1]["skipped"] == 2
+    base, after = load_policy("base").state_dict(), load_policy(str(tmp_path / "nan" / "model")).state_dict()
+    assert all(torch.equal(base[n], after[n]) for n in base)
+
+
+def test_edit_prompts_train_and_evaluate_with_grids(tmp_path):
+    out = rows(
+        recipe(
+            tmp_path / "ed",
+            "data.prompts=shapes-edit",
+            "rewards.models=[{name: oracle_instruction}, {name: oracle_identity}]",
+            "train.iterations=1",
+            "eval.every=1",
+            "eval.prompts=heldout-edit",
+            "eval.n=2",
+            "eval.num_steps=2",
+            "eval.grid=2",
+        )
+    )
+    assert out[0]["step"] == 0 and {"eval/edit/success", "eval/edit/preservation"} <= set(out[0])
+    assert out[1]["adv_std"] > 0 and "eval_oracle_overall" in out[1]
+    assert (tmp_path / "ed" / "grids" / "step_00001_edit.png").is_file()
+    assert list((tmp_path / "ed" / "tb").iterdir())  # TensorBoard event file (tensorboard is a dev extra)
+
+
+def test_unknown_category_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="category"):
+        rows(recipe(tmp_path / "c", "rewards.category_weights={nonexistent: {oracle_alignment: 1.0}}"))
+
+
+def test_full_disk_while_checkpointing_exits_2_and_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import qirl.checkpoint as ck
+    from qirl.cli.main import app
+
+    out = tmp_path / "d"
+    args = ["grpo", "-", *TINY, f"run.out_dir={out}", "run.checkpoint_every=1"]
+    runner = CliRunner()
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text("train: {iterations: 1}\n")
+    args[1] = str(recipe_file)
+    assert runner.invoke(app, args).exit_code == 0
+    monkeypatch.setattr(ck, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    recipe_file.write_text("train: {iterations: 2}\n")
+    result = runner.invoke(app, [*args, "--resume"])
+    assert result.exit_code == 2 and "disk full" in result.output
+    assert latest_checkpoint(out).name == "step_00000001"

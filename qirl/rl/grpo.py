@@ -2,8 +2,10 @@
 
 One iteration (design, "Data flow: GRPO iteration"):
 
-1. Draw P prompt records (seeded numpy rng), encode them once under no_grad (the text encoder is
-   frozen), repeat each G times. A group shares its prompt, not its initial noise.
+1. Draw P prompt records (seeded numpy rng; `qirl.rl.prompts`), encode them once under no_grad (the
+   text encoder is frozen), repeat each G times. With ``shared_noise`` (the default) a group also
+   shares its initial noise (DanceGRPO, Xue et al. 2025, arXiv:2505.07818), so the reward spread inside
+   a group comes only from the SDE noises the objective credits; measured in `docs/grpo.md`.
 2. Roll out with `sample_sde` (no grad) in micro-batches: SDE steps on the high-noise window
    ``window_start .. window_start + window_size - 1`` (grid index from t = 1), ODE steps elsewhere.
    Each micro-batch is decoded and handed to the `RewardService` at once, so scoring overlaps the next
@@ -23,8 +25,12 @@ One iteration (design, "Data flow: GRPO iteration"):
    iteration (``updates_per_iter`` > 1 repeats the update on the same rollouts; only then does the
    ratio leave 1 and the clip bind). A non-finite loss or gradient norm skips the step (weights and
    optimizer untouched).
-5. Metrics per iteration; every ``eval.every`` iterations the oracle overall on held-out prompts
-   (deterministic ODE sampling, fixed noise) so reward hacking shows against the training reward.
+5. Metrics per iteration (JSONL, and TensorBoard when installed); every ``eval.every`` iterations the
+   oracle scores on held-out prompts (`qirl.rl.heldout`: deterministic ODE sampling, fixed noise, a
+   sample grid per task under ``<out_dir>/grids``) so reward hacking shows against the training reward.
+   Options: LoRA adapters (peft) instead of full weights, an EMA of the trained weights (used for
+   evaluation and export), a KL to the frozen reference in velocity or transition-mean space, and a
+   window that slides towards t = 0 (MixGRPO).
 6. Atomic checkpoints (trainable weights, optimizer, numpy + torch RNG states, iteration);
    ``resume=True`` continues bit-exactly on CPU. The final policy is saved to ``<out_dir>/model``.
 
@@ -37,6 +43,7 @@ import copy
 import math
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,23 +55,26 @@ from torch import Tensor
 from qirl import ops
 from qirl.checkpoint import load_checkpoint, save_checkpoint
 from qirl.config import dump_recipe
-from qirl.data import PromptRecord, record_from_dict
 from qirl.errors import UserError
 from qirl.models.registry import load_policy
+from qirl.pretrain import ema_decay_at
 from qirl.rewards.base import RewardRecord
 from qirl.rewards.composite import CompositeConfig, CompositeReward, RewardSpec
 from qirl.rewards.service import RewardService
-from qirl.runlog import append_metrics, checkpoint_to_resume, start_metrics
-from qirl.samples import BUILTIN_SETS, image_noise, record_source, resolve_prompts
-from qirl.sampling import CFG_MODES, sample_ode, sample_sde, trajectory_logprob
-from qirl.shapes import random_t2i_record, score_t2i
+from qirl.rl.heldout import HeldoutConfig, heldout_eval, heldout_sets
+from qirl.rl.lora import TINY_DIT_TARGETS, add_lora, save_policy
+from qirl.rl.prompts import PromptSource
+from qirl.runlog import MetricsLog, checkpoint_to_resume, start_metrics
+from qirl.samples import record_source
+from qirl.sampling import CFG_MODES, sample_sde, sde_kl_factor, trajectory_logprob
 
-SHAPES_T2I = "shapes-t2i"  # generated training prompts: random_t2i_record(rng, split="train")
+SHAPES_T2I = "shapes-t2i"
 
 
 @dataclass
 class GrpoData:
-    prompts: str = SHAPES_T2I  # "shapes-t2i" (generated train split) or a JSONL path
+    prompts: str = SHAPES_T2I  # shapes-t2i | shapes-edit | shapes-mix (generated train splits) or a JSONL
+    edit_fraction: float = 0.5  # share of edit prompts drawn by shapes-mix
 
 
 def _default_rewards() -> CompositeConfig:
@@ -86,6 +96,8 @@ class GrpoSampling:
     cfg_mode: str = "hybrid"  # hybrid | both | none (see qirl.sampling.sample_sde)
     window_start: int = 0  # first trained (SDE) step, grid index counted from t = 1
     window_size: int = 4  # number of trained steps
+    window_slide: int = 0  # > 0: the window moves one step towards t = 0 every this many iterations, wrapping
+    shared_noise: bool = True  # one initial noise per group (DanceGRPO): the spread comes from the SDE steps
 
 
 @dataclass
@@ -94,26 +106,21 @@ class GrpoTrain:
     prompts_per_iter: int = 8  # P
     group_size: int = 8  # G
     micro_batch: int = 16  # rows per rollout / train micro-batch
-    lr: float = 1e-4
+    lr: float = 3e-5
     weight_decay: float = 0.0
     warmup_steps: int = 0  # linear lr warm-up (iterations), then constant
     clip_range: float = 1e-3  # PPO ratio clip eps (small: log-probs are means over latent dims)
-    kl_coef: float = 0.0  # weight of ||v_theta - v_ref||^2 at the recorded states (0: no reference)
+    kl_coef: float = 0.0  # weight of the KL to the frozen reference (0: no reference kept)
+    kl_space: str = "velocity"  # velocity: ||v - v_ref||^2 | mean: Gaussian KL of the SDE transition
     adv_clip: float = 5.0
     adv_eps: float = 1e-4
     grad_clip: float = 1.0
     updates_per_iter: int = 1  # AdamW steps on each rollout batch (> 1: the ratio clip starts to bind)
+    lora_rank: int = 0  # > 0: train LoRA adapters (peft) of this rank instead of every DiT weight
+    lora_alpha: float = 16.0
+    lora_targets: str = TINY_DIT_TARGETS  # regex over module names
+    ema_decay: float = 0.0  # > 0: keep an EMA of the trained weights (with warm-up); eval and export use it
     reward_workers: int = 2  # RewardService threads
-
-
-@dataclass
-class GrpoEval:
-    every: int = 10  # iterations between held-out evaluations (0: never); also before training
-    prompts: str = "heldout-t2i"
-    n: int = 16
-    num_steps: int = 10  # ODE steps
-    guidance: float = 3.0
-    seed: int = 0
 
 
 @dataclass
@@ -123,6 +130,7 @@ class GrpoRun:
     log_every: int = 1
     checkpoint_every: int = 10
     keep_checkpoints: int = 2
+    tensorboard: bool = True  # also write <out_dir>/tb when tensorboard is installed
 
 
 @dataclass
@@ -132,11 +140,13 @@ class GrpoRecipe:
     rewards: CompositeConfig = field(default_factory=_default_rewards)
     sampling: GrpoSampling = field(default_factory=GrpoSampling)
     train: GrpoTrain = field(default_factory=GrpoTrain)
-    eval: GrpoEval = field(default_factory=GrpoEval)
+    eval: HeldoutConfig = field(default_factory=HeldoutConfig)
     run: GrpoRun = field(default_factory=GrpoRun)
 
 
 # ----------------------------------------------------------------------------------------- helpers
+
+KL_SPACES = ("velocity", "mean")
 
 
 def validate(recipe: GrpoRecipe) -> None:
@@ -152,6 +162,8 @@ def validate(recipe: GrpoRecipe) -> None:
             f"(window_start={s.window_start}, window_size={s.window_size}) is out of range: "
             f"steps are 0..{s.num_steps - 1} for num_steps={s.num_steps}"
         )
+    if s.window_slide < 0:
+        raise UserError(f"sampling.window_slide must be >= 0, got {s.window_slide}")
     if s.noise_level <= 0:
         raise UserError(
             f"sampling.noise_level must be > 0 for GRPO (it needs SDE steps), got {s.noise_level}"
@@ -165,16 +177,18 @@ def validate(recipe: GrpoRecipe) -> None:
         raise UserError(f"train.clip_range must be > 0, got {t.clip_range}")
     if t.kl_coef < 0:
         raise UserError(f"train.kl_coef must be >= 0, got {t.kl_coef}")
+    if t.kl_space not in KL_SPACES:
+        raise UserError(f"train.kl_space must be one of {', '.join(KL_SPACES)}, got {t.kl_space!r}")
+    if t.lora_rank < 0:
+        raise UserError(f"train.lora_rank must be >= 0, got {t.lora_rank}")
+    if not 0.0 <= t.ema_decay < 1.0:
+        raise UserError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
     if t.reward_workers < 1:
         raise UserError(f"train.reward_workers must be >= 1, got {t.reward_workers}")
-    if recipe.data.prompts.startswith("heldout"):
-        raise UserError(
-            f"data.prompts={recipe.data.prompts!r} is a held-out evaluation set; train on {SHAPES_T2I!r} or a JSONL"
-        )
     if recipe.run.checkpoint_every < 1 or recipe.run.log_every < 1:
         raise UserError("run.checkpoint_every and run.log_every must be >= 1")
-    if recipe.eval.every < 0 or recipe.eval.n < 0:
-        raise UserError("eval.every and eval.n must be >= 0")
+    if recipe.eval.every < 0 or recipe.eval.n < 0 or recipe.eval.grid < 0:
+        raise UserError("eval.every, eval.n and eval.grid must be >= 0")
 
 
 def lr_at(iteration: int, train: GrpoTrain) -> float:
@@ -183,41 +197,14 @@ def lr_at(iteration: int, train: GrpoTrain) -> float:
     return train.lr
 
 
-class PromptSource:
-    """Training prompt records: generated from the Shapes grammar or drawn from a fixed list."""
-
-    def __init__(self, spec: str) -> None:
-        self.spec = spec
-        self.pool: list[PromptRecord] | None = None
-        if spec != SHAPES_T2I:
-            if spec in BUILTIN_SETS:
-                raise UserError(
-                    f"data.prompts={spec!r} is a built-in evaluation set; use {SHAPES_T2I!r} or a JSONL"
-                )
-            self.pool = resolve_prompts(spec)
-            if not self.pool:
-                raise UserError(f"data.prompts={spec!r}: no prompts")
-
-    def draw(self, rng: np.random.Generator, n: int) -> list[PromptRecord]:
-        if self.pool is None:
-            return [record_from_dict(random_t2i_record(rng, split="train"), SHAPES_T2I) for _ in range(n)]
-        idx = rng.choice(len(self.pool), size=n, replace=n > len(self.pool))
-        return [self.pool[int(i)] for i in idx]
-
-
-@torch.no_grad()
-def heldout_eval(policy: Any, cfg: GrpoEval) -> dict[str, float]:
-    """Oracle T2I overall (0-100) on the first ``cfg.n`` held-out prompts; ODE, fixed per-image noise."""
-    records = [r for r in resolve_prompts(cfg.prompts) if r.task == "t2i"][: cfg.n]
-    if not records:
-        return {}
-    prompts = [r.prompt for r in records]
-    cond = policy.encode(prompts, None)
-    noise = torch.stack([image_noise(cfg.seed, i, tuple(policy.latent_shape)) for i in range(len(records))])
-    latents = sample_ode(policy, cond, cfg.num_steps, guidance=cfg.guidance, noise=noise.to(policy.device))
-    images = policy.decode(latents).permute(0, 2, 3, 1).cpu().numpy()  # [B, H, W, 3]
-    scores = [score_t2i(img, p).overall for img, p in zip(images, prompts, strict=True)]
-    return {"eval_oracle_overall": float(np.mean(scores))}
+def window_at(iteration: int, s: GrpoSampling) -> list[int]:
+    """The trained SDE steps of an iteration: fixed, or sliding towards t = 0 (MixGRPO, Li et al. 2025,
+    arXiv:2507.21802, sec. 3.2) by one step every ``window_slide`` iterations, wrapping back."""
+    start = s.window_start
+    if s.window_slide > 0:
+        span = s.num_steps - s.window_size - s.window_start + 1  # possible starts
+        start += (iteration // s.window_slide) % span
+    return list(range(start, start + s.window_size))
 
 
 def advantages(rewards: Tensor, weights: Tensor, train: GrpoTrain) -> Tensor:
@@ -232,6 +219,24 @@ def _stats(values: list[Tensor]) -> Tensor:
     return torch.cat([v.reshape(-1) for v in values]) if values else torch.zeros(0)
 
 
+@contextmanager
+def _swapped(params: dict[str, Tensor], ema: dict[str, Tensor] | None) -> Iterator[None]:
+    """Run the block with the EMA weights in place of the trained ones (no-op without EMA)."""
+    if ema is None:
+        yield
+        return
+    saved = {n: p.detach().clone() for n, p in params.items()}
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(ema[n])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(saved[n])
+
+
 # -------------------------------------------------------------------------------------------- loop
 
 
@@ -241,55 +246,64 @@ def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
     out = Path(recipe.run.out_dir)
     existing = checkpoint_to_resume(out, resume)
     s, tr = recipe.sampling, recipe.train
-    prompts_src = PromptSource(recipe.data.prompts)
     composite = CompositeReward.from_config(recipe.rewards)
     names = composite.names
+    prompts_src = PromptSource(recipe.data.prompts, recipe.data.edit_fraction, composite.category_weights)
+    eval_sets = heldout_sets(recipe.eval) if recipe.eval.every else {}
 
     torch.manual_seed(recipe.run.seed)
     policy = load_policy(recipe.model)
     policy.eval()  # no dropout: the ratio must be exactly 1 before the update
-    params = list(policy.trainable_parameters())
-    trainable_ids = {id(p) for p in params}
-    trainable_names = [n for n, p in policy.named_parameters() if id(p) in trainable_ids]
-    for p in policy.parameters():
-        p.requires_grad_(id(p) in trainable_ids)
     reference = None
     if tr.kl_coef > 0:
         reference = copy.deepcopy(policy)
         reference.requires_grad_(False)
+    if tr.lora_rank > 0:
+        params = add_lora(policy, tr.lora_rank, tr.lora_alpha, tr.lora_targets)
+    else:
+        params = list(policy.trainable_parameters())
+        trainable = {id(p) for p in params}
+        for p in policy.parameters():
+            p.requires_grad_(id(p) in trainable)
+    named = {n: p for n, p in policy.named_parameters() if p.requires_grad}  # the trained weights by name
+    ema = {n: p.detach().clone() for n, p in named.items()} if tr.ema_decay > 0 else None
     opt = torch.optim.AdamW(params, lr=tr.lr, weight_decay=tr.weight_decay)
     rng = np.random.default_rng(recipe.run.seed)
     gen = torch.Generator().manual_seed(recipe.run.seed)
     iteration = 0
     if existing is not None:
         ckpt = load_checkpoint(existing)
-        missing = set(trainable_names) - set(ckpt.tensors["model"])
+        missing = set(named) - set(ckpt.tensors["model"])
         if missing:
             raise UserError(
-                f"{existing}: checkpoint lacks weights {sorted(missing)[:3]}; was it made from another model?"
+                f"{existing}: checkpoint lacks weights {sorted(missing)[:3]}; was it made from another model or LoRA setting?"
             )
         policy.load_state_dict(ckpt.tensors["model"], strict=False)
         opt.load_state_dict(ckpt.nested("optimizer"))
+        if ema is not None:
+            ema = {n: ckpt.tensors["ema"][n].clone() for n in named} if "ema" in ckpt.tensors else ema
         rng.bit_generator.state = ckpt.state["data_rng"]
         gen.set_state(ckpt.tensors["rng"]["torch"])
         iteration = ckpt.step
-    metrics_file = start_metrics(out, recipe, iteration if existing is not None else None)
+    log = MetricsLog(start_metrics(out, recipe, iteration if existing is not None else None), recipe.run.tensorboard)
 
     def checkpoint() -> Path:
-        state = policy.state_dict()
+        tensors = {"model": {n: p.detach().clone() for n, p in named.items()}, "rng": {"torch": gen.get_state()}}
+        if ema is not None:
+            tensors["ema"] = ema
         return save_checkpoint(
             out,
             iteration,
-            {
-                "model": {n: state[n].detach().clone() for n in trainable_names},
-                "rng": {"torch": gen.get_state()},
-            },
+            tensors,
             {"data_rng": rng.bit_generator.state, "recipe": dump_recipe(recipe)},
             nested={"optimizer": opt.state_dict()},
             keep=recipe.run.keep_checkpoints,
         )
 
-    window = list(range(s.window_start, s.window_start + s.window_size))
+    def evaluate(step: int) -> dict[str, float]:
+        with _swapped(named, ema):
+            return heldout_eval(policy, recipe.eval, eval_sets, out / "grids" / f"step_{step:05d}")
+
     P, G, M = tr.prompts_per_iter, tr.group_size, tr.micro_batch
     B = P * G
     img_size = int(policy.decode(torch.zeros(1, *policy.latent_shape)).shape[-1])  # edit sources
@@ -299,12 +313,13 @@ def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
     t_start = time.perf_counter()
     skipped_total = 0
     try:
-        if recipe.eval.every and iteration == 0:
-            row = {"step": 0, "total": tr.iterations, **heldout_eval(policy, recipe.eval)}
-            append_metrics(metrics_file, row)
+        if eval_sets and iteration == 0:
+            row = {"step": 0, "total": tr.iterations, **evaluate(0)}
+            log.append(row)
             yield row
         while iteration < tr.iterations:
             t0 = time.perf_counter()
+            window = window_at(iteration, s)
             faults_before = sum(service.faults.values())
             # 1. prompts and conditions ------------------------------------------------------------
             records = prompts_src.draw(rng, P)
@@ -318,7 +333,10 @@ def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
                 for r, src in zip(records, sources, strict=True)
                 for _ in range(G)
             ]
-            noise = torch.randn((B, *policy.latent_shape), generator=gen)  # distinct within a group
+            if s.shared_noise:  # the group differs only by its SDE noises, which the objective credits
+                noise = torch.randn((P, *policy.latent_shape), generator=gen).repeat_interleave(G, 0)
+            else:
+                noise = torch.randn((B, *policy.latent_shape), generator=gen)  # [B, C, H, W]
             # 2. rollouts, scoring overlapped ----------------------------------------------------
             rollouts, futures = [], []
             t_roll = time.perf_counter()
@@ -340,11 +358,14 @@ def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
                     images = policy.decode(ro.latents)
                 futures.append(service.submit(images, [r.prompt for r in rows[a:b]], reward_records[a:b]))
             rollout_s = time.perf_counter() - t_roll
+            t_wait = time.perf_counter()
             rewards = torch.cat([f.result() for f in futures]).reshape(P, G, len(names))  # [P, G, K]
+            wait_s = time.perf_counter() - t_wait
             # 3. advantages ------------------------------------------------------------------------
             weights = composite.weights([r.category for r in records])  # [P, K]
             adv = advantages(rewards, weights, tr).reshape(B)  # [B]
             # 4. policy update -------------------------------------------------------------------
+            t_train = time.perf_counter()
             for group in opt.param_groups:
                 group["lr"] = lr_at(iteration, tr)
             ratios: list[Tensor] = []
@@ -362,12 +383,7 @@ def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
                         clipped = ratio.clamp(1 - tr.clip_range, 1 + tr.clip_range)
                         loss = -torch.minimum(ratio * a_mb, clipped * a_mb).mean()
                         if reference is not None:
-                            x_n = ro.state(n)
-                            t_n = ro.timesteps[n].expand(b - a).to(x_n)
-                            v = policy.velocity(x_n, t_n, c_mb)
-                            with torch.no_grad():
-                                v_ref = reference.velocity(x_n, t_n, c_mb)
-                            kl = (v.float() - v_ref.float()).square().mean()
+                            kl = _kl_to_reference(policy, reference, ro, n, c_mb, tr.kl_space)
                             loss = loss + tr.kl_coef * kl
                             kls.append(float(kl.detach()))
                         loss = loss * share
@@ -383,9 +399,17 @@ def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
                     skipped_total += 1
                 else:
                     opt.step()
+                    if ema is not None:
+                        decay = ema_decay_at(iteration, tr.ema_decay)
+                        with torch.no_grad():
+                            for n_, p in named.items():
+                                ema[n_].lerp_(p.detach(), 1.0 - decay)
+            train_s = time.perf_counter() - t_train
             iteration += 1
+            t_ckpt = time.perf_counter()
             if iteration % recipe.run.checkpoint_every == 0 or iteration == tr.iterations:
                 checkpoint()
+            ckpt_s = time.perf_counter() - t_ckpt
             # 5. metrics --------------------------------------------------------------------------
             r_all = _stats(ratios)
             flat = rewards.reshape(B, len(names))
@@ -410,24 +434,30 @@ def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
                     "skipped": skipped_total,
                     "reward_faults": sum(service.faults.values()) - faults_before,
                     "lr": lr_at(iteration - 1, tr),
+                    "window": window[0],
                     "rollout_s": rollout_s,
+                    "reward_wait_s": wait_s,
+                    "train_s": train_s,
+                    "checkpoint_s": ckpt_s,
                     "step_s": time.perf_counter() - t0,
                 }
             )
-            if recipe.eval.every and iteration % recipe.eval.every == 0:
-                row.update(heldout_eval(policy, recipe.eval))
+            if eval_sets and iteration % recipe.eval.every == 0:
+                row.update(evaluate(iteration))
             if (
                 iteration % recipe.run.log_every == 0
                 or iteration == tr.iterations
                 or "eval_oracle_overall" in row
             ):
-                append_metrics(metrics_file, row)
+                log.append(row)
                 yield row
     finally:
         service.close(wait=True)
+        log.close()
 
     final = out / "model"
-    policy.save_pretrained(final)
+    with _swapped(named, ema):
+        save_policy(policy, final, lora=tr.lora_rank > 0)
     yield {
         "done": True,
         "steps": iteration,
@@ -437,3 +467,18 @@ def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
         "train_seconds": round(time.perf_counter() - t_start, 1),
         "model": str(final),
     }
+
+
+def _kl_to_reference(policy: Any, reference: Any, ro: Any, n: int, cond: Any, space: str) -> Tensor:
+    """KL regulariser at the recorded state n, CFG-free: ``mean ||v_theta - v_ref||^2`` (velocity) or the
+    Gaussian KL of the SDE transition, ``sde_kl_factor * mean ||v_theta - v_ref||^2`` (mean)."""
+    x_n = ro.state(n)  # [b, C, H, W]
+    t = float(ro.timesteps[n])
+    t_n = torch.full((x_n.shape[0],), t, dtype=torch.float32, device=x_n.device)  # [b]
+    v = policy.velocity(x_n, t_n, cond).float()
+    with torch.no_grad():
+        v_ref = reference.velocity(x_n, t_n, cond).float()
+    sq = (v - v_ref).square().mean()
+    if space == "mean":
+        sq = sq * sde_kl_factor(t, float(ro.timesteps[n + 1]), ro.noise_level)
+    return sq
