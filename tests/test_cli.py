@@ -18,7 +18,7 @@ def test_help_lists_every_command():
         assert name in result.output
 
 
-@pytest.mark.parametrize("name", ["distill", "eval"])
+@pytest.mark.parametrize("name", ["distill"])
 def test_later_commands_say_not_yet(name):
     result = runner.invoke(app, [name])
     assert result.exit_code == 2
