@@ -295,15 +295,6 @@ def score_list() -> None:
         typer.echo(name)
 
 
-def _not_yet(name: str, issue: int) -> Callable[..., None]:
-    def command(args: Annotated[list[str] | None, typer.Argument(help="Arguments (not used yet).")] = None) -> None:
-        err_console.print(f"qirl {name}: not yet available (tracked in issue #{issue})")
-        raise typer.Exit(2)
-
-    command.__doc__ = f"[not yet available: issue #{issue}]"
-    return command
-
-
 @app.command()
 @user_errors
 def curate(
@@ -343,7 +334,32 @@ def grpo(
     _run_recipe(GrpoRecipe, run, recipe, overrides, resume, "grpo", quiet, json_out)
 
 
-app.command("distill")(_not_yet("distill", 6))
+@app.command()
+@user_errors
+def distill(
+    recipe: Annotated[Path, typer.Argument(help="Distillation recipe (e.g. recipes/distill.yaml).")],
+    overrides: Overrides = None,
+    teachers: Annotated[
+        str | None,
+        typer.Option(
+            help="Tasks to distill, comma-separated: TASK (the recipe's teachers.TASK) or TASK=PATH (a model or "
+            "run folder), e.g. t2i,edit or t2i=runs/x,edit. Default: every teacher in the recipe."
+        ),
+    ] = None,
+    resume: Resume = False,
+    quiet: Quiet = False,
+    json_out: AsJson = False,
+) -> None:
+    """On-policy distillation: one student matches each task's RL teacher's velocity on its own trajectories."""
+    from qirl.rl.distill import DistillRecipe, select_teachers
+    from qirl.rl.distill import distill as run
+
+    def run_selected(cfg: DistillRecipe, resume: bool = False):
+        return run(select_teachers(cfg, teachers), resume=resume)
+
+    _run_recipe(DistillRecipe, run_selected, recipe, overrides, resume, "distill", quiet, json_out)
+
+
 eval_app = typer.Typer(
     help="Evaluate models: benchmark pillars, Elo / Bradley-Terry arenas, offline reports.", no_args_is_help=True
 )

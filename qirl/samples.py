@@ -57,10 +57,29 @@ def builtin_prompts(name: str) -> list[PromptRecord]:
     return [record_from_dict({**row, "id": f"{name}-{i:04d}"}, f"{name}[{i}]") for i, row in enumerate(rows)]
 
 
+# Generated training pools, "shapes-t2i:N" / "shapes-edit:N": N records of the grammar's train split from
+# a fixed seed, e.g. the candidate pool `qirl curate` filters. Disjoint seeds from the held-out sets.
+GENERATED_POOLS = {"shapes-t2i": ("t2i", 7), "shapes-edit": ("edit", 8)}
+
+
+def generated_pool(kind: str, n: int) -> list[PromptRecord]:
+    task, seed = GENERATED_POOLS[kind]
+    rng = np.random.default_rng(seed)
+    make = random_t2i_record if task == "t2i" else random_edit_record
+    return [
+        record_from_dict({**make(rng, split="train"), "id": f"{kind}-{i:05d}"}, f"{kind}:{n}[{i}]") for i in range(n)
+    ]
+
+
 def resolve_prompts(spec: str) -> list[PromptRecord]:
-    """A built-in set name or a JSONL path."""
+    """A built-in set name, a generated pool ("shapes-t2i:256") or a JSONL path."""
     if spec in BUILTIN_SETS:
         return builtin_prompts(spec)
+    kind, _, count = spec.partition(":")
+    if kind in GENERATED_POOLS and count:
+        if not count.isdigit() or int(count) < 1:
+            raise UserError(f"{spec!r}: the pool size after ':' must be a positive integer")
+        return generated_pool(kind, int(count))
     if not spec.endswith(".jsonl") and not Path(spec).exists():
         raise UserError(f"--prompts {spec!r}: not a file and not a built-in set ({', '.join(BUILTIN_SETS)})")
     return read_jsonl(spec)

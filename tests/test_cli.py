@@ -18,13 +18,6 @@ def test_help_lists_every_command():
         assert name in result.output
 
 
-@pytest.mark.parametrize("name", ["distill"])
-def test_later_commands_say_not_yet(name):
-    result = runner.invoke(app, [name])
-    assert result.exit_code == 2
-    assert "not yet available" in result.output
-
-
 def test_sample_then_score_the_shipped_base(tmp_path):
     out = tmp_path / "samples"
     result = runner.invoke(
@@ -157,7 +150,7 @@ def test_score_images_rejects_corrupt_image_and_bad_reward_args(tmp_path):
 
 def test_curate_from_the_cli(tmp_path):
     out = tmp_path / "cur"
-    args = ["curate", "demo", "recipes/curate.yaml", "sampling.group_size=3", "sampling.num_steps=2",
+    args = ["curate", "demo", "recipes/curate.yaml", "sampling.group_size=3", "sampling.num_steps=2", "sampling.window_size=2",
             f"out.prompts={out}/c.jsonl", f"out.weights={out}/w.yaml", f"out.stats={out}/s.json", "--json"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output

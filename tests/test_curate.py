@@ -50,7 +50,7 @@ def prompts_file(tmp_path_factory) -> Path:
 def _recipe(prompts: Path, out: Path, threshold: float, on: str = "composite") -> CurateRecipe:
     return CurateRecipe(
         prompts=str(prompts),
-        sampling=CurateSampling(group_size=3, num_steps=2, batch_prompts=4),
+        sampling=CurateSampling(group_size=3, num_steps=2, window_size=2, batch_prompts=4),
         filter=CurateFilter(threshold=threshold, metric=on),
         out=CurateOut(str(out / "curated.jsonl"), str(out / "weights.yaml"), str(out / "stats.json")),
     )

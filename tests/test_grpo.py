@@ -226,10 +226,10 @@ def test_unknown_category_is_a_user_error(tmp_path):
 
 
 def test_full_disk_while_checkpointing_exits_2_and_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    from qirl.cli.main import app
     from typer.testing import CliRunner
 
     import qirl.checkpoint as ck
-    from qirl.cli.main import app
 
     out = tmp_path / "d"
     args = ["grpo", "-", *TINY, f"run.out_dir={out}", "run.checkpoint_every=1"]

@@ -86,6 +86,9 @@ class CurateSampling:
     guidance: float = 3.0
     shift: float = 1.0
     noise_level: float = 0.7  # SDE noise of the GRPO rollout (sample_sde, cfg_mode "hybrid")
+    window_start: int = 0  # SDE steps window_start .. window_start + window_size - 1, as the GRPO recipe
+    window_size: int = 4  # (0: SDE on every step)
+    shared_noise: bool = True  # a group shares its initial noise, as GRPO's default
     batch_prompts: int = 8  # prompts per sampling batch (batch_prompts * G images)
 
 
@@ -208,6 +211,11 @@ def _validate(recipe: CurateRecipe, names: Sequence[str]) -> None:
         )
     if s.num_steps < 1 or s.batch_prompts < 1:
         raise UserError("sampling.num_steps and sampling.batch_prompts must be at least 1")
+    if s.window_size < 0 or s.window_start < 0 or s.window_start + s.window_size > s.num_steps:
+        raise UserError(
+            f"sampling window {s.window_start}..{s.window_start + s.window_size - 1} is out of range: "
+            f"steps are 0..{s.num_steps - 1} for num_steps={s.num_steps}"
+        )
     if s.noise_level < 0:
         raise UserError(f"sampling.noise_level must be >= 0, got {s.noise_level}")
     on = recipe.filter.metric
@@ -237,7 +245,10 @@ def _score_groups(
         rows = [i for i in idx for _ in range(g)]  # prompt index of each image
         prompts = [records[i].prompt for i in rows]
         srcs = [sources[i] for i in rows]
-        noise = torch.stack([image_noise(recipe.seed, i * g + j, shape) for i in idx for j in range(g)])
+        if s.shared_noise:  # the spread within a group then comes from the SDE steps only, as in GRPO
+            noise = torch.stack([image_noise(recipe.seed, i * g, shape) for i in idx for _ in range(g)])
+        else:
+            noise = torch.stack([image_noise(recipe.seed, i * g + j, shape) for i in idx for j in range(g)])
         gen = torch.Generator(device=policy.device).manual_seed(recipe.seed * 1_000_003 + start)
         with torch.no_grad():
             cond = policy.encode(prompts, srcs)
@@ -249,7 +260,7 @@ def _score_groups(
                 shift=s.shift,
                 noise_level=s.noise_level,
                 cfg_mode="hybrid",
-                sde_window=None,
+                sde_window=list(range(s.window_start, s.window_start + s.window_size)) if s.window_size else None,
                 generator=gen,
                 noise=noise.to(policy.device),
             )

@@ -43,7 +43,6 @@ import copy
 import math
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,10 +56,10 @@ from qirl.checkpoint import load_checkpoint, save_checkpoint
 from qirl.config import dump_recipe
 from qirl.errors import UserError
 from qirl.models.registry import load_policy
-from qirl.pretrain import ema_decay_at
 from qirl.rewards.base import RewardRecord
 from qirl.rewards.composite import CompositeConfig, CompositeReward, RewardSpec
 from qirl.rewards.service import RewardService
+from qirl.rl.common import ema_update, ema_weights, lr_at
 from qirl.rl.heldout import HeldoutConfig, heldout_eval, heldout_sets
 from qirl.rl.lora import TINY_DIT_TARGETS, add_lora, save_policy
 from qirl.rl.prompts import PromptSource
@@ -191,12 +190,6 @@ def validate(recipe: GrpoRecipe) -> None:
         raise UserError("eval.every, eval.n and eval.grid must be >= 0")
 
 
-def lr_at(iteration: int, train: GrpoTrain) -> float:
-    if iteration < train.warmup_steps:
-        return train.lr * (iteration + 1) / train.warmup_steps
-    return train.lr
-
-
 def window_at(iteration: int, s: GrpoSampling) -> list[int]:
     """The trained SDE steps of an iteration: fixed, or sliding towards t = 0 (MixGRPO, Li et al. 2025,
     arXiv:2507.21802, sec. 3.2) by one step every ``window_slide`` iterations, wrapping back."""
@@ -217,24 +210,6 @@ def advantages(rewards: Tensor, weights: Tensor, train: GrpoTrain) -> Tensor:
 
 def _stats(values: list[Tensor]) -> Tensor:
     return torch.cat([v.reshape(-1) for v in values]) if values else torch.zeros(0)
-
-
-@contextmanager
-def _swapped(params: dict[str, Tensor], ema: dict[str, Tensor] | None) -> Iterator[None]:
-    """Run the block with the EMA weights in place of the trained ones (no-op without EMA)."""
-    if ema is None:
-        yield
-        return
-    saved = {n: p.detach().clone() for n, p in params.items()}
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(ema[n])
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(saved[n])
 
 
 # -------------------------------------------------------------------------------------------- loop
@@ -301,7 +276,7 @@ def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
         )
 
     def evaluate(step: int) -> dict[str, float]:
-        with _swapped(named, ema):
+        with ema_weights(named, ema):
             return heldout_eval(policy, recipe.eval, eval_sets, out / "grids" / f"step_{step:05d}")
 
     P, G, M = tr.prompts_per_iter, tr.group_size, tr.micro_batch
@@ -400,10 +375,7 @@ def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
                 else:
                     opt.step()
                     if ema is not None:
-                        decay = ema_decay_at(iteration, tr.ema_decay)
-                        with torch.no_grad():
-                            for n_, p in named.items():
-                                ema[n_].lerp_(p.detach(), 1.0 - decay)
+                        ema_update(ema, named, iteration, tr.ema_decay)
             train_s = time.perf_counter() - t_train
             iteration += 1
             t_ckpt = time.perf_counter()
@@ -456,7 +428,7 @@ def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
         log.close()
 
     final = out / "model"
-    with _swapped(named, ema):
+    with ema_weights(named, ema):
         save_policy(policy, final, lora=tr.lora_rank > 0)
     yield {
         "done": True,

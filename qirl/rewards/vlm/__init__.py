@@ -14,6 +14,7 @@ for zero-shot use, or None for the untrained embedded model) and any `VLMRewardC
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +51,30 @@ __all__ = [
 ]
 
 
+# Reward models trained by `qirl score train recipes/rm_<mode>.yaml` on `qirl score annotate`'s data and
+# shipped with qirl (1.2 MB each; MODEL_CARD.md in each folder), so GRPO recipes can use learned rewards
+# on a fresh clone: `path: builtin`.
+BUILTIN_DIRS = {"pointwise": "rm_pointwise", "pairwise": "rm_pairwise"}
+
+
+def builtin_reward_path(mode: str) -> Path:
+    from qirl.errors import UserError
+
+    if mode not in BUILTIN_DIRS:
+        raise UserError(f"no built-in {mode} reward model ships with qirl (built in: {', '.join(BUILTIN_DIRS)})")
+    return Path(str(resources.files("qirl") / "assets" / BUILTIN_DIRS[mode]))
+
+
 def load_vlm_reward(mode: str, path: str | None = None, **kwargs: Any) -> VLMReward:
-    """A folder from `VLMReward.save` loads as saved (its mode must match); any other folder is a VLM
-    checkpoint used zero-shot; None is the embedded tiny model (untrained)."""
+    """A folder from `VLMReward.save` loads as saved (its mode must match); "builtin" is the shipped one
+    of that mode; any other folder is a VLM checkpoint used zero-shot; None is the embedded tiny model
+    (untrained)."""
+    if path == "builtin":
+        if kwargs.get("cot"):
+            from qirl.errors import UserError
+
+            raise UserError("no built-in chain-of-thought reward model ships with qirl (see docs/rewards.md)")
+        path = str(builtin_reward_path(mode))
     if path is not None and (Path(path) / META_FILE).is_file():
         reward = VLMReward.load(path, **kwargs)
         if reward.config.mode != mode:

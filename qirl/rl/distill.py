@@ -1,0 +1,554 @@
+"""On-policy distillation of task-specialised RL teachers into one student (`qirl distill`).
+
+Source: the Qwen-Image-2.0-RL report, on-policy distillation (OPD) stage (summary in `seed/`, see
+DESIGN.md). RL makes one policy per task (a T2I and an edit teacher: `qirl grpo recipes/<task>.yaml`);
+OPD merges them into a single student by trajectory-level velocity matching on the student's own
+samples, with no reward model and without the cross-task conflicts of one policy trained on mixed
+rewards (Mix-RL):
+
+    L_OPD = E_{c, x_{1:N} ~ pi_theta(. | c)} [ sum_n || v_theta(x_{t_n}, t_n, c) - v_T(c)(x_{t_n}, t_n, c) ||^2 ]
+
+where T(c) is the teacher of prompt c's task. One iteration:
+
+1. Draw B prompt records (`qirl.rl.prompts.PromptSource`: `shapes-mix` with ``data.edit_fraction``, or a
+   JSONL); every task the source can draw must have a teacher (checked before anything loads). Encode
+   them with the student (no grad; the text encoder is frozen).
+2. Roll the student out without grad from seeded noise (``rollout``): the Flow-GRPO SDE (`sample_sde`,
+   ``keep_all_states=True``; the stochastic policy pi_theta of the RL stage) or the Euler ODE
+   (`sample_ode`, the deployment sampler), with or without CFG (``rollout.guidance``). All N + 1 states
+   x_n are kept (grid t_n = `timesteps(N, shift)`; state 0 is the noise at t_0 = 1).
+3. Per trajectory, the trained steps S: all N, or ``train.steps_per_traj`` = k of them drawn uniformly
+   without replacement from the seeded generator (independently for each trajectory).
+4. At each trained (x_n, t_n): the student's single-pass conditional velocity v_theta (with grad) and the
+   teacher's velocity (no grad). Rows are grouped by task, so each teacher (and the student) runs one
+   batched forward per task and step, each model on the condition it encoded itself; a student equal
+   to its teacher thus computes the very same numbers (loss exactly 0). ``teacher.target``:
+   - `conditional`: ``v_T = v_T(x_n, t_n, c)``; the student is then sampled with CFG like the teachers.
+   - `guided`: ``v_T = v_u + s (v_c - v_u)`` with ``s = teacher.guidance``; the student, still matched
+     in one CFG-free pass, learns the guided field (guidance distillation, Meng et al. 2023,
+     arXiv:2210.03142) and is sampled without CFG (set ``eval.guidance: 1``).
+5. Loss, through the fused kernel `qirl.ops.velocity_mse` (forward and backward):
+
+       mse_b(n) = (1 / D) || v_theta - v_T ||^2             (D latent elements per sample)
+       L        = (1 / B) sum_b (1 / |S_b|) sum_{n in S_b} mse_b(n)
+
+   i.e. ``L_OPD / (N D)`` with steps and elements MEANED, not summed: a constant factor (so the
+   minimiser and the gradient direction are the report's), and a subset of k steps is then an unbiased
+   estimate of the same quantity, while lr and ``grad_clip`` do not have to change with N, k or the
+   resolution. Gradients are accumulated over micro-batches, clipped, and applied in one AdamW step; a
+   non-finite loss or gradient norm skips the step (weights and optimizer untouched) and is counted.
+6. Metrics per iteration: ``loss``, ``loss/<task>`` (the same mean over that task's rows), ``grad_norm``,
+   ``lr``, ``skipped``, ``nfe`` (below), timings. Every ``eval.every`` iterations, held-out oracle
+   scores and grids on both tasks (`qirl.rl.heldout`). Atomic checkpoints; ``resume=True`` continues
+   bit-exactly on CPU. The final student goes to ``<out_dir>/model`` (EMA weights if kept, LoRA merged).
+
+Compute accounting (``nfe``, cumulative): network evaluations per sample, so arms (GRPO, Mix-RL, OPD) can
+be compared at equal compute. A forward of a batch of b rows counts b; a CFG forward (cond + uncond)
+counts 2b; a training forward + backward counts 3b (the backward costs about two forwards). Per
+iteration: ``B (N r + k (3 + g))`` with ``r = 2`` if the rollout uses CFG else 1, ``g = 2`` for a guided
+teacher target else 1, k the trained steps per trajectory. Text encoding, decoding and held-out
+evaluation are not counted.
+
+The run is a generator of metric dicts; it never prints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from qirl import ops
+from qirl.checkpoint import load_checkpoint, save_checkpoint
+from qirl.config import dump_recipe
+from qirl.data import PromptRecord
+from qirl.errors import UserError
+from qirl.models.policy import Condition, FlowPolicy
+from qirl.models.registry import load_policy
+from qirl.rl.common import ema_update, ema_weights, lr_at
+from qirl.rl.heldout import HeldoutConfig, heldout_eval, heldout_sets
+from qirl.rl.lora import TINY_DIT_TARGETS, add_lora, save_policy
+from qirl.rl.prompts import PromptSource
+from qirl.runlog import MetricsLog, checkpoint_to_resume, start_metrics
+from qirl.samples import record_source
+from qirl.sampling import guided_velocity, sample_ode, sample_sde, timesteps
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("t2i", "edit")
+TARGETS = ("conditional", "guided")
+SAMPLERS = ("sde", "ode")
+
+
+def _default_teachers() -> dict[str, str]:
+    return {"t2i": "runs/grpo_t2i", "edit": "runs/grpo_edit"}
+
+
+def _default_eval() -> HeldoutConfig:
+    return HeldoutConfig(prompts="heldout-t2i,heldout-edit")
+
+
+@dataclass
+class DistillData:
+    prompts: str = "shapes-mix"  # shapes-t2i | shapes-edit | shapes-mix (generated train splits) or a JSONL
+    edit_fraction: float = 0.5  # share of edit prompts drawn by shapes-mix
+
+
+@dataclass
+class DistillTeacher:
+    target: str = "conditional"  # conditional: v_c | guided: v_u + guidance (v_c - v_u) (student learns CFG)
+    guidance: float = 3.0  # CFG scale of the guided target
+
+
+@dataclass
+class DistillRollout:
+    sampler: str = "sde"  # sde (Flow-GRPO SDE, the RL policy) | ode (Euler, the deployment sampler)
+    num_steps: int = 10  # N
+    guidance: float = 3.0  # student rollout CFG scale (<= 1: no CFG)
+    shift: float = 1.0
+    noise_level: float = 0.7  # SDE noise level a (sde only)
+
+
+@dataclass
+class DistillTrain:
+    iterations: int = 100
+    prompts_per_iter: int = 16  # B (one trajectory per prompt)
+    micro_batch: int = 16  # trajectories per rollout / train micro-batch
+    steps_per_traj: int = 0  # 0: all N steps; k > 0: k steps per trajectory, drawn uniformly
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0  # linear lr warm-up (iterations), then constant
+    grad_clip: float = 1.0
+    lora_rank: int = 0  # > 0: train LoRA adapters (peft) of this rank instead of every DiT weight
+    lora_alpha: float = 16.0
+    lora_targets: str = TINY_DIT_TARGETS  # regex over module names
+    ema_decay: float = 0.0  # > 0: keep an EMA of the trained weights (with warm-up); eval and export use it
+
+
+@dataclass
+class DistillRun:
+    out_dir: str = "runs/distill"
+    seed: int = 0
+    log_every: int = 1
+    checkpoint_every: int = 10
+    keep_checkpoints: int = 2
+    tensorboard: bool = True  # also write <out_dir>/tb when tensorboard is installed
+
+
+@dataclass
+class DistillRecipe:
+    student: str = "base"  # policy spec for `load_policy` (the student's initialisation)
+    teachers: dict[str, str] = field(default_factory=_default_teachers)  # task -> model or run folder
+    teacher: DistillTeacher = field(default_factory=DistillTeacher)
+    data: DistillData = field(default_factory=DistillData)
+    rollout: DistillRollout = field(default_factory=DistillRollout)
+    train: DistillTrain = field(default_factory=DistillTrain)
+    eval: HeldoutConfig = field(default_factory=_default_eval)
+    run: DistillRun = field(default_factory=DistillRun)
+
+
+# ------------------------------------------------------------------------------------------- recipe
+
+
+def select_teachers(recipe: DistillRecipe, spec: str | None) -> DistillRecipe:
+    """Apply ``--teachers``: a comma list of ``task`` (the recipe's teacher for it) or ``task=PATH``
+    (an explicit model or run folder). Tasks not listed are dropped; None keeps the recipe's teachers."""
+    if spec is None:
+        return recipe
+    chosen: dict[str, str] = {}
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        task, eq, path = (part.strip() for part in item.partition("="))
+        if task not in TASKS:
+            raise UserError(f"--teachers {spec!r}: unknown task {task!r} (tasks: {', '.join(TASKS)})")
+        if task in chosen:
+            raise UserError(f"--teachers {spec!r}: task {task!r} is given twice")
+        if eq and not path:
+            raise UserError(f"--teachers {spec!r}: empty path for task {task!r}")
+        if not eq and task not in recipe.teachers:
+            raise UserError(f"--teachers {spec!r}: the recipe has no teachers.{task}; give {task}=PATH")
+        chosen[task] = path if eq else recipe.teachers[task]
+    if not chosen:
+        raise UserError(f"--teachers {spec!r}: no task given (e.g. --teachers t2i,edit)")
+    return dataclasses.replace(recipe, teachers=chosen)
+
+
+def validate(recipe: DistillRecipe) -> None:
+    """UserError naming the key for every setting a run cannot use."""
+    r, t, tt = recipe.rollout, recipe.train, recipe.teacher
+    if not recipe.teachers:
+        raise UserError(
+            "teachers: no teacher given (e.g. teachers: {t2i: runs/grpo_t2i, edit: runs/grpo_edit})"
+        )
+    for task, spec in recipe.teachers.items():
+        if task not in TASKS:
+            raise UserError(f"teachers.{task}: unknown task (tasks: {', '.join(TASKS)})")
+        if not spec:
+            raise UserError(f"teachers.{task}: empty model path")
+    if tt.target not in TARGETS:
+        raise UserError(f"teacher.target must be one of {', '.join(TARGETS)}, got {tt.target!r}")
+    if tt.target == "guided" and tt.guidance <= 1.0:
+        raise UserError(
+            f"teacher.target=guided needs teacher.guidance > 1, got {tt.guidance} (use teacher.target=conditional)"
+        )
+    if r.sampler not in SAMPLERS:
+        raise UserError(f"rollout.sampler must be one of {', '.join(SAMPLERS)}, got {r.sampler!r}")
+    if r.num_steps < 1:
+        raise UserError(f"rollout.num_steps must be >= 1, got {r.num_steps}")
+    if r.shift <= 0:
+        raise UserError(f"rollout.shift must be > 0, got {r.shift}")
+    if r.noise_level < 0:
+        raise UserError(f"rollout.noise_level must be >= 0, got {r.noise_level}")
+    for key in ("iterations", "prompts_per_iter", "micro_batch"):
+        if getattr(t, key) < 1:
+            raise UserError(f"train.{key} must be >= 1, got {getattr(t, key)}")
+    if not 0 <= t.steps_per_traj <= r.num_steps:
+        raise UserError(
+            f"train.steps_per_traj must be in [0, rollout.num_steps={r.num_steps}] (0: all), got {t.steps_per_traj}"
+        )
+    if t.grad_clip <= 0:
+        raise UserError(f"train.grad_clip must be > 0, got {t.grad_clip}")
+    if t.lora_rank < 0:
+        raise UserError(f"train.lora_rank must be >= 0, got {t.lora_rank}")
+    if not 0.0 <= t.ema_decay < 1.0:
+        raise UserError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+    if recipe.run.checkpoint_every < 1 or recipe.run.log_every < 1:
+        raise UserError("run.checkpoint_every and run.log_every must be >= 1")
+    if recipe.eval.every < 0 or recipe.eval.n < 0 or recipe.eval.grid < 0:
+        raise UserError("eval.every, eval.n and eval.grid must be >= 0")
+
+
+def steps_per_traj(recipe: DistillRecipe) -> int:
+    """k, the trained steps of each trajectory (all N when ``train.steps_per_traj`` is 0)."""
+    return recipe.train.steps_per_traj or recipe.rollout.num_steps
+
+
+def nfe_per_iteration(recipe: DistillRecipe) -> int:
+    """Network evaluations per iteration, per sample: ``B (N r + k (3 + g))`` (module docstring)."""
+    r = 2 if recipe.rollout.guidance > 1.0 else 1
+    g = 2 if recipe.teacher.target == "guided" else 1
+    n, k = recipe.rollout.num_steps, steps_per_traj(recipe)
+    return recipe.train.prompts_per_iter * (n * r + k * (3 + g))
+
+
+
+# ------------------------------------------------------------------------------------------ teachers
+
+
+def _load_teacher(task: str, spec: str) -> FlowPolicy:
+    """A frozen teacher (eval mode, no grad); a missing one is a UserError saying which run makes it."""
+    if spec != "base" and not Path(spec).exists():
+        raise UserError(
+            f"teacher for task {task!r}: {spec} does not exist; train it with `qirl grpo recipes/{task}.yaml` "
+            f"(run.out_dir={spec}) or point to another run or model (--teachers {task}=PATH)"
+        )
+    try:
+        teacher = load_policy(spec)
+    except UserError as err:
+        raise UserError(f"teacher for task {task!r}: {err}") from None
+    teacher.requires_grad_(False)
+    teacher.eval()
+    return teacher
+
+
+def load_teachers(recipe: DistillRecipe, tasks: set[str]) -> dict[str, FlowPolicy]:
+    """{task: frozen teacher} for the tasks the data draws; a spec shared by two tasks is loaded once."""
+    missing = sorted(tasks - set(recipe.teachers))
+    if missing:
+        need, have = ", ".join(missing), ", ".join(sorted(recipe.teachers)) or "none"
+        every = ",".join(sorted(set(recipe.teachers) | tasks))
+        raise UserError(
+            f"data.prompts={recipe.data.prompts!r} draws {need} prompts but there is no teacher for {need} "
+            f"(teachers: {have}); add one (--teachers {every}, or teachers.{missing[0]}=PATH) or change data.prompts"
+        )
+    unused = sorted(set(recipe.teachers) - tasks)
+    if unused:
+        logger.warning(
+            "teachers %s not loaded: data.prompts=%r draws no such prompts", unused, recipe.data.prompts
+        )
+    loaded: dict[str, FlowPolicy] = {}
+    out = {}
+    for task in sorted(tasks):
+        spec = recipe.teachers[task]
+        if spec not in loaded:
+            loaded[spec] = _load_teacher(task, spec)
+        out[task] = loaded[spec]
+    return out
+
+
+@dataclass
+class Route:
+    """The rows of one task inside a micro-batch, with the condition encoded by the student and by the
+    task's teacher (each model encodes with its own frozen text encoder)."""
+
+    task: str
+    rows: Tensor  # [b_task] long, positions in the micro-batch
+    cond: Condition  # [b_task], the student's
+    teacher_cond: Condition  # [b_task]
+    teacher_uncond: Condition | None  # [b_task], for a guided target
+
+
+@torch.no_grad()
+def routes(
+    student: FlowPolicy,
+    teachers: dict[str, FlowPolicy],
+    records: Sequence[PromptRecord],
+    sources: Sequence[Tensor | None],
+    target: DistillTeacher,
+) -> list[Route]:
+    """Group a micro-batch's rows by task, so each teacher (and the student) runs one batched forward per
+    task and step; a student identical to the teacher then computes the very same numbers (loss 0)."""
+    out = []
+    for task in TASKS:
+        idx = [i for i, r in enumerate(records) if r.task == task]
+        if not idx:
+            continue
+        prompts = [records[i].prompt for i in idx]
+        srcs = [sources[i] for i in idx] if task == "edit" else None
+        teacher = teachers[task]
+        teacher_cond = teacher.encode(prompts, srcs).detach()
+        uncond = teacher.null_condition(teacher_cond) if target.target == "guided" else None
+        cond = student.encode(prompts, srcs).detach()
+        out.append(Route(task, torch.tensor(idx, dtype=torch.long), cond, teacher_cond, uncond))
+    return out
+
+
+@torch.no_grad()
+def teacher_velocity(
+    teacher: FlowPolicy, route: Route, x: Tensor, t: Tensor, target: DistillTeacher
+) -> Tensor:
+    """The target v_T [b, C, H, W] fp32 at (x [b, C, H, W], t [b]) of one task's rows: the conditional
+    ``v_c``, or the guided ``v_u + s (v_c - v_u)`` (`guided_velocity`, one [cond ; uncond] forward)."""
+    if target.target == "guided":
+        v = guided_velocity(teacher, x, t, route.teacher_cond, route.teacher_uncond, target.guidance)
+    else:
+        v = teacher.velocity(x, t, route.teacher_cond)
+    return v.float()  # [b, C, H, W]
+
+
+# ------------------------------------------------------------------------------------------- rollout
+
+
+@torch.no_grad()
+def rollout_states(
+    policy: FlowPolicy, cond: Condition, r: DistillRollout, generator: torch.Generator, noise: Tensor
+) -> Tensor:
+    """The student's trajectory, without grad: all states [N + 1, b, C, H, W] (index 0 is the noise)."""
+    if r.sampler == "ode":
+        _, states = sample_ode(
+            policy, cond, r.num_steps, guidance=r.guidance, shift=r.shift, noise=noise, return_trajectory=True
+        )
+        return states
+    ro = sample_sde(
+        policy,
+        cond,
+        r.num_steps,
+        guidance=r.guidance,
+        shift=r.shift,
+        noise_level=r.noise_level,
+        cfg_mode="hybrid" if r.guidance > 1.0 else "none",  # hybrid: the rollout uses the guided velocity
+        generator=generator,
+        noise=noise,
+        keep_all_states=True,
+    )
+    return ro.states
+
+
+def trained_steps(batch: int, num_steps: int, k: int, generator: torch.Generator) -> Tensor:
+    """[batch, k] long step indices: all N in order (k = N), else k distinct steps per trajectory drawn
+    uniformly from the generator (sorted)."""
+    if k == num_steps:
+        return torch.arange(num_steps).expand(batch, num_steps)  # [B, N]
+    scores = torch.rand((batch, num_steps), generator=generator)  # [B, N]
+    return scores.argsort(dim=1)[:, :k].sort(dim=1).values  # [B, k]
+
+
+# -------------------------------------------------------------------------------------------- loop
+
+
+def distill(recipe: DistillRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
+    """Run on-policy distillation; yield a metrics dict every `log_every` iterations (and eval rows),
+    then a `done` summary."""
+    validate(recipe)
+    out = Path(recipe.run.out_dir)
+    existing = checkpoint_to_resume(out, resume)
+    r, tr = recipe.rollout, recipe.train
+    prompts_src = PromptSource(recipe.data.prompts, recipe.data.edit_fraction)
+    teachers = load_teachers(recipe, prompts_src.tasks)
+    eval_sets = heldout_sets(recipe.eval) if recipe.eval.every else {}
+
+    torch.manual_seed(recipe.run.seed)
+    student = load_policy(recipe.student)
+    student.eval()  # no dropout: the student and teacher velocities are compared as deployed
+    if tr.lora_rank > 0:
+        params = add_lora(student, tr.lora_rank, tr.lora_alpha, tr.lora_targets)
+    else:
+        params = list(student.trainable_parameters())
+        trainable = {id(p) for p in params}
+        for p in student.parameters():
+            p.requires_grad_(id(p) in trainable)
+    named = {n: p for n, p in student.named_parameters() if p.requires_grad}  # the trained weights by name
+    ema = {n: p.detach().clone() for n, p in named.items()} if tr.ema_decay > 0 else None
+    opt = torch.optim.AdamW(params, lr=tr.lr, weight_decay=tr.weight_decay)
+    rng = np.random.default_rng(recipe.run.seed)
+    gen = torch.Generator().manual_seed(recipe.run.seed)
+    iteration = 0
+    if existing is not None:
+        ckpt = load_checkpoint(existing)
+        missing = set(named) - set(ckpt.tensors["model"])
+        if missing:
+            raise UserError(
+                f"{existing}: checkpoint lacks weights {sorted(missing)[:3]}; was it made from another model or LoRA setting?"
+            )
+        student.load_state_dict(ckpt.tensors["model"], strict=False)
+        opt.load_state_dict(ckpt.nested("optimizer"))
+        if ema is not None:
+            ema = {n: ckpt.tensors["ema"][n].clone() for n in named} if "ema" in ckpt.tensors else ema
+        rng.bit_generator.state = ckpt.state["data_rng"]
+        gen.set_state(ckpt.tensors["rng"]["torch"])
+        iteration = ckpt.step
+    log = MetricsLog(
+        start_metrics(out, recipe, iteration if existing is not None else None), recipe.run.tensorboard
+    )
+
+    def checkpoint() -> Path:
+        tensors = {
+            "model": {n: p.detach().clone() for n, p in named.items()},
+            "rng": {"torch": gen.get_state()},
+        }
+        if ema is not None:
+            tensors["ema"] = ema
+        return save_checkpoint(
+            out,
+            iteration,
+            tensors,
+            {"data_rng": rng.bit_generator.state, "recipe": dump_recipe(recipe)},
+            nested={"optimizer": opt.state_dict()},
+            keep=recipe.run.keep_checkpoints,
+        )
+
+    def evaluate(step: int) -> dict[str, float]:
+        with ema_weights(named, ema):
+            return heldout_eval(student, recipe.eval, eval_sets, out / "grids" / f"step_{step:05d}")
+
+    B, M, N, K = tr.prompts_per_iter, tr.micro_batch, r.num_steps, steps_per_traj(recipe)
+    nfe_iter = nfe_per_iteration(recipe)
+    img_size = int(student.decode(torch.zeros(1, *student.latent_shape)).shape[-1])  # edit sources
+    chunks = [(a, min(a + M, B)) for a in range(0, B, M)]
+    grid_t = timesteps(N, r.shift)  # [N + 1]
+    start_iteration = iteration
+    t_start = time.perf_counter()
+    skipped_total = 0
+    try:
+        if eval_sets and iteration == 0:
+            row = {"step": 0, "total": tr.iterations, "nfe": 0, **evaluate(0)}
+            log.append(row)
+            yield row
+        while iteration < tr.iterations:
+            t0 = time.perf_counter()
+            # 1. prompts and the student's conditions ------------------------------------------
+            records = prompts_src.draw(rng, B)
+            sources = [record_source(rec, img_size) for rec in records]
+            with torch.no_grad():
+                cond = student.encode([rec.prompt for rec in records], sources).detach()
+            noise = torch.randn((B, *student.latent_shape), generator=gen)  # [B, C, H, W]
+            # 2. student rollouts, no grad --------------------------------------------------------
+            t_roll = time.perf_counter()
+            states = [rollout_states(student, cond.index(slice(a, b)), r, gen, noise[a:b]) for a, b in chunks]
+            rollout_s = time.perf_counter() - t_roll
+            steps = trained_steps(B, N, K, gen)  # [B, K]
+            # 3. velocity matching on the trained steps ----------------------------------------
+            t_train = time.perf_counter()
+            for group in opt.param_groups:
+                group["lr"] = lr_at(iteration, tr)
+            opt.zero_grad(set_to_none=True)
+            per_row = torch.zeros(B)  # [B] mean over the row's trained steps of mse_b(n)
+            finite = True
+            teacher_s = 0.0
+            for (a, b), st in zip(chunks, states, strict=True):
+                routed = routes(student, teachers, records[a:b], sources[a:b], recipe.teacher)
+                for j in range(K):
+                    n_j = steps[a:b, j]  # [b]
+                    x_mb = st[n_j, torch.arange(b - a)]  # [b, C, H, W], state n_j of each trajectory
+                    t_mb = grid_t[n_j]  # [b]
+                    for route in routed:
+                        x, t = x_mb[route.rows], t_mb[route.rows]  # [b_task, C, H, W], [b_task]
+                        t_teach, teacher = time.perf_counter(), teachers[route.task]
+                        v_t = teacher_velocity(teacher, route, x, t, recipe.teacher)  # [b_task, C, H, W]
+                        teacher_s += time.perf_counter() - t_teach
+                        v_s = student.velocity(x, t, route.cond)  # [b_task, C, H, W], with grad
+                        mse = ops.velocity_mse(v_s, v_t)  # loss: mean over rows, per_sample [b_task]
+                        loss = mse.loss * (len(route.rows) / (B * K))  # mean over all rows and steps
+                        if not torch.isfinite(loss):
+                            finite = False
+                        loss.backward()
+                        per_row[a + route.rows] += mse.per_sample.detach().float() / K
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tr.grad_clip))
+            skipped = not (finite and math.isfinite(grad_norm))
+            if skipped:
+                opt.zero_grad(set_to_none=True)  # weights and optimizer state untouched
+                skipped_total += 1
+            else:
+                opt.step()
+                if ema is not None:
+                    ema_update(ema, named, iteration, tr.ema_decay)
+            train_s = time.perf_counter() - t_train
+            iteration += 1
+            t_ckpt = time.perf_counter()
+            if iteration % recipe.run.checkpoint_every == 0 or iteration == tr.iterations:
+                checkpoint()
+            ckpt_s = time.perf_counter() - t_ckpt
+            # 4. metrics ---------------------------------------------------------------------------
+            row: dict[str, Any] = {"step": iteration, "total": tr.iterations, "loss": float(per_row.mean())}
+            tasks = [rec.task for rec in records]
+            for task in teachers:
+                mask = torch.tensor([tk == task for tk in tasks])
+                row[f"loss/{task}"] = float(per_row[mask].mean()) if mask.any() else float("nan")
+            row.update(
+                {
+                    "grad_norm": grad_norm,
+                    "skipped": skipped_total,
+                    "lr": lr_at(iteration - 1, tr),
+                    "nfe": iteration * nfe_iter,
+                    "rollout_s": rollout_s,
+                    "train_s": train_s,
+                    "teacher_s": teacher_s,
+                    "checkpoint_s": ckpt_s,
+                    "step_s": time.perf_counter() - t0,
+                }
+            )
+            if eval_sets and iteration % recipe.eval.every == 0:
+                row.update(evaluate(iteration))
+            if (
+                iteration % recipe.run.log_every == 0
+                or iteration == tr.iterations
+                or "eval_oracle_overall" in row
+            ):
+                log.append(row)
+                yield row
+    finally:
+        log.close()
+
+    final = out / "model"
+    with ema_weights(named, ema):
+        save_policy(student, final, lora=tr.lora_rank > 0)
+    yield {
+        "done": True,
+        "steps": iteration,
+        "resumed_from": start_iteration,
+        "skipped": skipped_total,
+        "nfe": iteration * nfe_iter,
+        "teachers": {task: recipe.teachers[task] for task in teachers},
+        "train_seconds": round(time.perf_counter() - t_start, 1),
+        "model": str(final),
+    }
