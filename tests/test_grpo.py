@@ -243,3 +243,14 @@ def test_full_disk_while_checkpointing_exits_2_and_keeps_the_old_checkpoint(tmp_
     result = runner.invoke(app, [*args, "--resume"])
     assert result.exit_code == 2 and "disk full" in result.output
     assert latest_checkpoint(out).name == "step_00000001"
+
+
+def test_combined_advantage_normalises_the_weighted_mean_once():
+    rewards = torch.tensor([[[0.0, 0.50], [1.0, 0.51], [0.5, float("nan")]]])  # [P=1, G=3, K=2]
+    weights = torch.tensor([[1.0, 3.0]])
+    adv = advantages(rewards, weights, GrpoTrain(advantage="combined", adv_clip=100.0, adv_eps=1e-9))
+    r = torch.tensor([0.375, 0.6325, 0.5])  # weighted means of the valid rewards
+    expected = (r - r.mean()) / r.std(unbiased=False)
+    torch.testing.assert_close(adv[0], expected, atol=1e-5, rtol=1e-5)
+    per = advantages(rewards, weights, GrpoTrain(adv_clip=100.0, adv_eps=1e-9))
+    assert per[0, 1] > adv[0, 1]  # per-reward scales the tiny spread of reward 2 up to +-1 x 3

@@ -111,6 +111,7 @@ class GrpoTrain:
     clip_range: float = 1e-3  # PPO ratio clip eps (small: log-probs are means over latent dims)
     kl_coef: float = 0.0  # weight of the KL to the frozen reference (0: no reference kept)
     kl_space: str = "velocity"  # velocity: ||v - v_ref||^2 | mean: Gaussian KL of the SDE transition
+    advantage: str = "per_reward"  # per_reward: sum_k w_k normalised R_k (report) | combined: normalise sum_k w_k R_k
     adv_clip: float = 5.0
     adv_eps: float = 1e-4
     grad_clip: float = 1.0
@@ -146,6 +147,7 @@ class GrpoRecipe:
 # ----------------------------------------------------------------------------------------- helpers
 
 KL_SPACES = ("velocity", "mean")
+ADVANTAGES = ("per_reward", "combined")
 
 
 def validate(recipe: GrpoRecipe) -> None:
@@ -176,6 +178,8 @@ def validate(recipe: GrpoRecipe) -> None:
         raise UserError(f"train.clip_range must be > 0, got {t.clip_range}")
     if t.kl_coef < 0:
         raise UserError(f"train.kl_coef must be >= 0, got {t.kl_coef}")
+    if t.advantage not in ADVANTAGES:
+        raise UserError(f"train.advantage must be one of {', '.join(ADVANTAGES)}, got {t.advantage!r}")
     if t.kl_space not in KL_SPACES:
         raise UserError(f"train.kl_space must be one of {', '.join(KL_SPACES)}, got {t.kl_space!r}")
     if t.lora_rank < 0:
@@ -190,6 +194,19 @@ def validate(recipe: GrpoRecipe) -> None:
         raise UserError("eval.every, eval.n and eval.grid must be >= 0")
 
 
+def nfe_per_iteration(recipe: GrpoRecipe) -> int:
+    """Network evaluations per iteration, the convention of `qirl.rl.distill` (a forward of b rows counts
+    b, a CFG forward 2b, a training forward + backward 3b): ``B (N r + U W (3 + q))`` with B = P G,
+    r = 2 when the rollout uses CFG, U = updates_per_iter, W = window_size, q = 1 with the KL reference
+    (one more forward) else 0, plus g = 2 per trained step in `both` mode (guided objective: 2 rows)."""
+    s, t = recipe.sampling, recipe.train
+    b = t.prompts_per_iter * t.group_size
+    r = 2 if (s.cfg_mode != "none" and s.guidance > 1.0) else 1
+    g = 2 if (s.cfg_mode == "both" and s.guidance > 1.0) else 1
+    q = 1 if t.kl_coef > 0 else 0
+    return b * (s.num_steps * r + t.updates_per_iter * s.window_size * (3 * g + q))
+
+
 def window_at(iteration: int, s: GrpoSampling) -> list[int]:
     """The trained SDE steps of an iteration: fixed, or sliding towards t = 0 (MixGRPO, Li et al. 2025,
     arXiv:2507.21802, sec. 3.2) by one step every ``window_slide`` iterations, wrapping back."""
@@ -201,10 +218,26 @@ def window_at(iteration: int, s: GrpoSampling) -> list[int]:
 
 
 def advantages(rewards: Tensor, weights: Tensor, train: GrpoTrain) -> Tensor:
-    """GRPO advantages [P, G] from rewards [P, G, K] (NaN = missing) and per-prompt weights [P, K]:
-    ``A = clip(sum_k w_k (R_k - mu_k) / (sigma_k + eps), -adv_clip, adv_clip)`` (`ops.group_advantage`);
-    a row without any valid reward gets 0."""
-    adv = ops.group_advantage(rewards, weights, eps=train.adv_eps, clip=train.adv_clip or None)  # [P, G]
+    """GRPO advantages [P, G] from rewards [P, G, K] (NaN = missing) and per-prompt weights [P, K].
+
+    ``per_reward`` (the report's multi-reward advantage; `ops.group_advantage`):
+        ``A = clip(sum_k w_k (R_k - mu_k) / (sigma_k + eps), -adv_clip, adv_clip)``
+    ``combined`` (Flow-GRPO / DanceGRPO with several rewards: combine, then normalise once):
+        ``R = sum_k w_k R_k / sum_k w_k`` over the valid rewards, ``A = clip((R - mu) / (sigma + eps))``
+    mu and sigma are per group. Per-reward normalisation gives every reward the same share of the
+    advantage whatever its spread, so a reward that barely varies in a group (e.g. Fidelity stuck near
+    0) has its noise scaled up to +-1; `combined` weighs each reward by its actual spread. A row
+    without any valid reward gets 0.
+    """
+    clip = train.adv_clip or None
+    if train.advantage == "combined":
+        w = torch.where(rewards.isnan(), torch.zeros_like(rewards), weights[:, None, :])  # [P, G, K]
+        total = w.sum(-1)  # [P, G]
+        r = (torch.nan_to_num(rewards) * w).sum(-1) / total  # [P, G], NaN where nothing is valid
+        r = torch.where(total > 0, r, torch.full_like(r, float("nan")))
+        adv = ops.group_advantage(r[..., None], None, eps=train.adv_eps, clip=clip)  # [P, G]
+    else:
+        adv = ops.group_advantage(rewards, weights, eps=train.adv_eps, clip=clip)  # [P, G]
     return torch.nan_to_num(adv, nan=0.0, posinf=0.0, neginf=0.0)
 
 
@@ -289,7 +322,7 @@ def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
     skipped_total = 0
     try:
         if eval_sets and iteration == 0:
-            row = {"step": 0, "total": tr.iterations, **evaluate(0)}
+            row = {"step": 0, "total": tr.iterations, "nfe": 0, **evaluate(0)}
             log.append(row)
             yield row
         while iteration < tr.iterations:
@@ -407,6 +440,7 @@ def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
                     "reward_faults": sum(service.faults.values()) - faults_before,
                     "lr": lr_at(iteration - 1, tr),
                     "window": window[0],
+                    "nfe": iteration * nfe_per_iteration(recipe),
                     "rollout_s": rollout_s,
                     "reward_wait_s": wait_s,
                     "train_s": train_s,
@@ -437,6 +471,7 @@ def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
         "skipped": skipped_total,
         "reward_faults": dict(service.faults),
         "train_seconds": round(time.perf_counter() - t_start, 1),
+        "nfe": iteration * nfe_per_iteration(recipe),
         "model": str(final),
     }
 
