@@ -181,3 +181,13 @@ def test_recipe_file_loads():
         "oracle_fidelity",
         "oracle_aesthetics",
     ]
+
+
+def test_equal_spread_calibration_hand_made():
+    # one category, two groups of 4; reward a spreads 4x wider than reward b
+    a = np.array([[0.0, 0.4, 0.0, 0.4], [0.2, 0.6, 0.2, 0.6]])  # std 0.2 in both groups
+    b = a / 4  # std 0.05
+    rewards = np.stack([a, b], axis=-1)  # [P, G, K]
+    weights, _ = calibrate(rewards, ["x", "x"], ["a", "b"], rule="equal_spread")
+    assert weights["x"]["b"] == pytest.approx(4 * weights["x"]["a"], rel=1e-5)
+    assert (weights["x"]["a"] + weights["x"]["b"]) / 2 == pytest.approx(1.0, abs=1e-5)

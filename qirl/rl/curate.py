@@ -34,6 +34,13 @@ that directly, with the rollouts GRPO itself would draw:
    over the rewards defined in c with p_k(c) > 0; a reward that is defined in c but never varies
    (p_k = 0) carries no signal there and gets weight 0; a reward never defined in c is left out of c's
    table (it keeps its default weight, which the advantage ignores as its values are NaN).
+   `calibration.rule = "equal_spread"` is the same idea for GRPO's ``advantage: combined`` (normalise
+   the weighted mean of the rewards once per group): there reward k's share of the variance of the
+   combined reward in a group is w_k^2 sigma_k^2 (covariances aside), so equal shares need
+
+       w_k(c) = b_k / s_k(c),   s_k(c) = sqrt(mean over c's groups of sigma_k^2)   (then mean 1 per c),
+
+   and a reward whose within-group std is (almost) always 0 gets 0.
    `calibration.rule = "none"` writes the base weights unchanged for every category.
    The result goes to `out.weights` as `category_weights: {category: {reward: weight}}`, the shape of
    `CompositeConfig.category_weights`, so a GRPO recipe's `rewards:` section can merge it; `out.stats`
@@ -65,7 +72,12 @@ from qirl.samples import image_noise, record_source, resolve_prompts
 from qirl.sampling import sample_sde
 
 COMPOSITE = "composite"
-RULES = ("equal_share", "none")
+RULES = ("equal_share", "equal_spread", "none")
+RULE_FORMULAS = {
+    "equal_share": "w_k(c) = b_k / sqrt(p_k(c)), mean 1 per category",
+    "equal_spread": "w_k(c) = b_k / s_k(c), s_k(c) = RMS within-group std, mean 1 per category",
+    "none": "w_k(c) = b_k",
+}
 TARGETS = ("kept", "all")
 
 
@@ -100,7 +112,7 @@ class CurateFilter:
 
 @dataclass
 class CurateCalibration:
-    rule: str = "equal_share"  # equal_share: w_k(c) = b_k / sqrt(p_k(c)), mean 1 per category | none
+    rule: str = "equal_share"  # equal_share: b_k / sqrt(p_k(c)) | equal_spread: b_k / s_k(c) | none (mean 1 per c)
     target: str = "kept"  # groups counted for p_k(c): kept | all
     eps: float = 1e-6  # a group "varies" in reward k when its range > eps
 
@@ -190,6 +202,10 @@ def calibrate(
             fractions[cat][name] = p
             if rule == "none":
                 raw[name] = float(base[k])
+            elif rule == "equal_spread":
+                std = group_stats(sub[:, :, k])["std"][defined]  # [Pc'] within-group population std
+                spread = float(np.sqrt(np.mean(std**2)))
+                raw[name] = float(base[k]) / spread if spread > eps else 0.0
             else:
                 raw[name] = float(base[k]) / math.sqrt(p) if p > 0 else 0.0
         if not raw:
@@ -372,7 +388,7 @@ def curate(recipe: CurateRecipe, policy: FlowPolicy | None = None) -> Iterator[d
         "per_prompt": per_prompt,
     }
     header = (
-        f"# qirl curate: per-category reward weights ({c.rule}: w_k(c) = b_k / sqrt(p_k(c)), mean 1 per category)\n"
+        f"# qirl curate: per-category reward weights ({c.rule}: {RULE_FORMULAS[c.rule]})\n"
         "# merge into a GRPO recipe's `rewards:` section\n"
     )
     # every output is built before the first write; each write is atomic

@@ -1,0 +1,113 @@
+"""GRPO ablations on the Shapes world: run the arms, then print the held-out oracle table.
+
+Every arm is `qirl grpo <recipe> <overrides>` with the same budget (iterations, P x G, eval set), into
+runs/ablations/<arm>. The table reads each arm's metrics.jsonl: held-out oracle overall and pillars at
+the last evaluation, and their change from step 0 (the base model, same prompts and noise), plus the
+mean training reward of the last 5 iterations (its own reward's scale).
+
+    python benchmarks/grpo_ablations.py --run                  # all arms, 2 at a time, one thread each
+    python benchmarks/grpo_ablations.py --run --arms cfg_both,cfg_none
+    python benchmarks/grpo_ablations.py                        # only print the table of finished arms
+    python benchmarks/grpo_ablations.py --extra ref=runs/grpo_t2i   # add a finished run as an arm
+
+A finished run of the default recipe with the same eval settings can stand in for the `default` arm
+(its evaluation at step `--iterations` is read).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ITERATIONS = 40
+RM = "{name: vlm_pointwise, args: {path: builtin, dimension: %s}}"
+ARMS: dict[str, tuple[str, list[str]]] = {
+    "default": ("recipes/t2i.yaml", []),
+    "cfg_both": ("recipes/t2i.yaml", ["sampling.cfg_mode=both"]),
+    "cfg_none": ("recipes/t2i.yaml", ["sampling.cfg_mode=none"]),
+    "no_curation": ("recipes/t2i.yaml", ["data.prompts=shapes-t2i"]),
+    "uniform_weights": ("recipes/t2i.yaml", ["rewards.category_weights={}"]),
+    "per_reward_adv": ("recipes/t2i.yaml", ["train.advantage=per_reward"]),
+    "rm_pointwise": ("recipes/t2i_rm.yaml", []),
+    "rm_pairwise": ("recipes/t2i_rm.yaml", ["rewards.models=[{name: vlm_pairwise, args: {path: builtin}}]"]),
+}
+PILLARS = ["Quality", "Aesthetics", "Alignment", "Real-world Fidelity", "Creative Generation"]
+
+
+def command(arm: str, iterations: int) -> list[str]:
+    recipe, overrides = ARMS[arm]
+    return [
+        "qirl", "--threads", "1", "grpo", recipe, *overrides,
+        f"train.iterations={iterations}", "eval.every=20", "eval.n=32",
+        f"run.out_dir=runs/ablations/{arm}", "--quiet", "--json",
+    ]  # fmt: skip
+
+
+def run_arm(arm: str, iterations: int) -> tuple[str, int, float]:
+    t0 = time.perf_counter()
+    log = Path("runs/ablations") / f"{arm}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as fh:
+        rc = subprocess.call(command(arm, iterations), stdout=fh, stderr=subprocess.STDOUT)
+    return arm, rc, time.perf_counter() - t0
+
+
+def row_for(name: str, run: Path, step: int) -> str | None:
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line]
+    evals = {r["step"]: r for r in rows if "eval/t2i/overall" in r}
+    if 0 not in evals:
+        return None
+    last = max((s for s in evals if s <= step), default=None)
+    if last is None or last == 0:
+        return None
+    first, end = evals[0], evals[last]
+    rewards = [r["reward"] for r in rows if "reward" in r and last - 5 < r["step"] <= last]
+    cells = [f"{end['eval/t2i/overall']:.1f} ({end['eval/t2i/overall'] - first['eval/t2i/overall']:+.1f})"]
+    for p in PILLARS:
+        key = f"eval/t2i/{p}"
+        cells.append(f"{end[key] - first[key]:+.1f}" if key in end and key in first else "n/a")
+    reward = f"{sum(rewards) / len(rewards):.3f}" if rewards else "n/a"
+    return f"| {name} | {last} | {' | '.join(cells)} | {reward} |"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", action="store_true", help="run the arms (skips arms whose run dir exists)")
+    ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument("--iterations", type=int, default=ITERATIONS)
+    ap.add_argument("--parallel", type=int, default=2)
+    ap.add_argument("--extra", action="append", default=[], help="name=run_dir of a finished run to add")
+    args = ap.parse_args()
+    arms = [a for a in args.arms.split(",") if a]
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        sys.exit(f"unknown arms {unknown}; known: {', '.join(ARMS)}")
+    if args.run:
+        todo = [a for a in arms if not (Path("runs/ablations") / a / "metrics.jsonl").exists()]
+        with ThreadPoolExecutor(args.parallel) as pool:
+            for arm, rc, seconds in pool.map(lambda a: run_arm(a, args.iterations), todo):
+                print(f"{arm}: exit {rc} in {seconds:.0f} s  ({' '.join(command(arm, args.iterations))})", flush=True)
+    header = "| arm | iteration | held-out overall (change) | " + " | ".join(f"{p} change" for p in PILLARS) + " | train reward |"
+    print(header)
+    print("|" + " --- |" * (len(PILLARS) + 4))
+    for arm in arms:
+        line = row_for(arm, Path("runs/ablations") / arm, args.iterations)
+        if line:
+            print(line)
+    for item in args.extra:
+        name, _, run = item.partition("=")
+        line = row_for(name, Path(run), args.iterations)
+        if line:
+            print(line)
+
+
+if __name__ == "__main__":
+    main()
