@@ -72,7 +72,10 @@ def generated_pool(kind: str, n: int) -> list[PromptRecord]:
 
 
 def resolve_prompts(spec: str) -> list[PromptRecord]:
-    """A built-in set name, a generated pool ("shapes-t2i:256") or a JSONL path."""
+    """A built-in set name, a generated pool ("shapes-t2i:256"), a JSONL path, or several of them joined
+    by commas (their records concatenated, e.g. "recipes/data/t2i_curated.jsonl,shapes-edit:256")."""
+    if "," in spec:
+        return [r for part in spec.split(",") if part.strip() for r in resolve_prompts(part.strip())]
     if spec in BUILTIN_SETS:
         return builtin_prompts(spec)
     kind, _, count = spec.partition(":")

@@ -45,6 +45,7 @@ EDIT_QUANTITIES: dict[str, Callable[[EditScore], float]] = {
     "oracle": lambda s: s.overall,
     "oracle_instruction": lambda s: s.success,
     "oracle_identity": lambda s: s.preservation,
+    "oracle_edit": lambda s: s.overall,  # = "oracle" on edits, but NaN on T2I (for mixed-task composites)
 }
 
 

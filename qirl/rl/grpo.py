@@ -320,9 +320,11 @@ def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
     start_iteration = iteration
     t_start = time.perf_counter()
     skipped_total = 0
+    evals: dict[int, float] = {}  # held-out oracle overall by iteration, for the summary
     try:
         if eval_sets and iteration == 0:
             row = {"step": 0, "total": tr.iterations, "nfe": 0, **evaluate(0)}
+            evals[0] = row["eval_oracle_overall"]
             log.append(row)
             yield row
         while iteration < tr.iterations:
@@ -450,6 +452,7 @@ def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
             )
             if eval_sets and iteration % recipe.eval.every == 0:
                 row.update(evaluate(iteration))
+                evals[iteration] = row["eval_oracle_overall"]
             if (
                 iteration % recipe.run.log_every == 0
                 or iteration == tr.iterations
@@ -472,6 +475,7 @@ def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
         "reward_faults": dict(service.faults),
         "train_seconds": round(time.perf_counter() - t_start, 1),
         "nfe": iteration * nfe_per_iteration(recipe),
+        **({"heldout_first": round(evals[min(evals)], 2), "heldout_last": round(evals[max(evals)], 2)} if evals else {}),
         "model": str(final),
     }
 
