@@ -25,14 +25,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ITERATIONS = 40
-RM = "{name: vlm_pointwise, args: {path: builtin, dimension: %s}}"
 ARMS: dict[str, tuple[str, list[str]]] = {
     "default": ("recipes/t2i.yaml", []),
     "cfg_both": ("recipes/t2i.yaml", ["sampling.cfg_mode=both"]),
     "cfg_none": ("recipes/t2i.yaml", ["sampling.cfg_mode=none"]),
-    "no_curation": ("recipes/t2i.yaml", ["data.prompts=shapes-t2i"]),
-    "uniform_weights": ("recipes/t2i.yaml", ["rewards.category_weights={}"]),
-    "per_reward_adv": ("recipes/t2i.yaml", ["train.advantage=per_reward"]),
+    "curated": ("recipes/t2i.yaml", ["data.prompts=recipes/data/t2i_curated.jsonl"]),
+    "3r_calibrated": ("recipes/ablations/t2i_3r_calibrated.yaml", []),
+    "3r_uniform": ("recipes/ablations/t2i_3r_uniform.yaml", []),
     "rm_pointwise": ("recipes/t2i_rm.yaml", []),
     "rm_pairwise": ("recipes/t2i_rm.yaml", ["rewards.models=[{name: vlm_pairwise, args: {path: builtin}}]"]),
 }
@@ -42,7 +41,7 @@ PILLARS = ["Quality", "Aesthetics", "Alignment", "Real-world Fidelity", "Creativ
 def command(arm: str, iterations: int) -> list[str]:
     recipe, overrides = ARMS[arm]
     return [
-        "qirl", "--threads", "1", "grpo", recipe, *overrides,
+        sys.executable, "-m", "qirl.cli.main", "--threads", "1", "grpo", recipe, *overrides,
         f"train.iterations={iterations}", "eval.every=20", "eval.n=32",
         f"run.out_dir=runs/ablations/{arm}", "--quiet", "--json",
     ]  # fmt: skip
@@ -94,7 +93,8 @@ def main() -> None:
         todo = [a for a in arms if not (Path("runs/ablations") / a / "metrics.jsonl").exists()]
         with ThreadPoolExecutor(args.parallel) as pool:
             for arm, rc, seconds in pool.map(lambda a: run_arm(a, args.iterations), todo):
-                print(f"{arm}: exit {rc} in {seconds:.0f} s  ({' '.join(command(arm, args.iterations))})", flush=True)
+                shown = " ".join(["qirl", *command(arm, args.iterations)[3:]])
+                print(f"{arm}: exit {rc} in {seconds:.0f} s  ({shown})", flush=True)
     header = "| arm | iteration | held-out overall (change) | " + " | ".join(f"{p} change" for p in PILLARS) + " | train reward |"
     print(header)
     print("|" + " --- |" * (len(PILLARS) + 4))
