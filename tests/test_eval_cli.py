@@ -159,3 +159,15 @@ def test_user_errors_are_one_line_exit_2(tmp_path, setup, args, needle):
     else:
         assert not (tmp_path / "o").exists()  # nothing half-written
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.")]  # no temporary folder left
+
+
+def test_ratings_plot_accepts_an_elo_estimate_outside_its_interval():
+    """Online Elo depends on vote order; the bootstrap shuffles it, so the estimate can leave the interval."""
+    from qirl.eval.figures import ratings_plot
+
+    rows = [
+        {"model": "a", "rank": 1, "bt": 1100.0, "bt_ci": [1050.0, 1150.0], "elo": 1034.4, "elo_ci": [1037.9, 1236.3]},
+        {"model": "b", "rank": 2, "bt": 1000.0, "bt_ci": [1000.0, 1000.0], "elo": 1000.0, "elo_ci": [1000.0, 1000.0]},
+    ]
+    png = ratings_plot(rows, "t2i")
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"

@@ -45,8 +45,8 @@ def pillar_bars(models: Sequence[str], results: dict[str, dict[str, Any]], title
         means = [r["overall"], *(r["pillars"].get(p) for p in names[1:])]
         cis = [r["overall_ci"], *(r["pillars_ci"].get(p) for p in names[1:])]
         y = np.array([np.nan if v is None else v for v in means], dtype=float)
-        lo = np.array([0.0 if c is None or v is None else v - c[0] for v, c in zip(means, cis, strict=True)])
-        hi = np.array([0.0 if c is None or v is None else c[1] - v for v, c in zip(means, cis, strict=True)])
+        lo = np.array([0.0 if c is None or v is None else max(v - c[0], 0.0) for v, c in zip(means, cis, strict=True)])
+        hi = np.array([0.0 if c is None or v is None else max(c[1] - v, 0.0) for v, c in zip(means, cis, strict=True)])
         ax.bar(x + (k - (len(models) - 1) / 2) * width, np.nan_to_num(y), width, yerr=[lo, hi], capsize=3, label=m)
     ax.set_xticks(x, [n.replace(" ", "\n", 1) for n in names], fontsize=8)
     ax.set_ylim(0, 105)
@@ -64,8 +64,10 @@ def ratings_plot(rows: Sequence[dict[str, Any]], title: str) -> bytes:
     y = np.arange(len(rows))[::-1]
     for key, dy, marker in (("bt", 0.12, "o"), ("elo", -0.12, "s")):
         v = np.array([r[key] for r in rows])
-        lo = v - np.array([r[f"{key}_ci"][0] for r in rows])
-        hi = np.array([r[f"{key}_ci"][1] for r in rows]) - v
+        # Online Elo is order-dependent: its point estimate can lie outside its own (order-shuffled)
+        # bootstrap interval, so the bar lengths are clipped at 0 rather than drawn negative.
+        lo = np.clip(v - np.array([r[f"{key}_ci"][0] for r in rows]), 0.0, None)
+        hi = np.clip(np.array([r[f"{key}_ci"][1] for r in rows]) - v, 0.0, None)
         label = "Bradley-Terry (MLE)" if key == "bt" else "online Elo"
         ax.errorbar(v, y + dy, xerr=[lo, hi], fmt=marker, capsize=3, label=label)
     ax.set_yticks(y, [f"#{r['rank']} {r['model']}" for r in rows], fontsize=8)
