@@ -70,6 +70,8 @@ def row_for(name: str, run: Path, step: int) -> str | None:
     first, end = evals[0], evals[last]
     rewards = [r["reward"] for r in rows if "reward" in r and last - 5 < r["step"] <= last]
     cells = [f"{end['eval/t2i/overall']:.1f} ({end['eval/t2i/overall'] - first['eval/t2i/overall']:+.1f})"]
+    steady = [end[f"eval/t2i/{p}"] - first[f"eval/t2i/{p}"] for p in PILLARS[:4] if f"eval/t2i/{p}" in end]
+    cells.append(f"{sum(steady) / len(steady):+.1f}" if steady else "n/a")
     for p in PILLARS:
         key = f"eval/t2i/{p}"
         cells.append(f"{end[key] - first[key]:+.1f}" if key in end and key in first else "n/a")
@@ -95,9 +97,10 @@ def main() -> None:
             for arm, rc, seconds in pool.map(lambda a: run_arm(a, args.iterations), todo):
                 shown = " ".join(["qirl", *command(arm, args.iterations)[3:]])
                 print(f"{arm}: exit {rc} in {seconds:.0f} s  ({shown})", flush=True)
-    header = "| arm | iteration | held-out overall (change) | " + " | ".join(f"{p} change" for p in PILLARS) + " | train reward |"
+    header = "| arm | iteration | held-out overall (change) | overall without Creative, change | "
+    header += " | ".join(f"{p} change" for p in PILLARS) + " | train reward |"
     print(header)
-    print("|" + " --- |" * (len(PILLARS) + 4))
+    print("|" + " --- |" * (len(PILLARS) + 5))
     for arm in arms:
         line = row_for(arm, Path("runs/ablations") / arm, args.iterations)
         if line:
