@@ -1,15 +1,23 @@
-"""Pieces both RL trainers (GRPO and distillation) share: lr warm-up and the EMA of trained weights."""
+"""Pieces both RL trainers (GRPO and distillation) share: the trained state and its checkpoints, lr
+warm-up and the EMA of the trained weights."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from qirl.checkpoint import load_checkpoint, save_checkpoint
+from qirl.config import dump_recipe
+from qirl.errors import UserError
 from qirl.pretrain import ema_decay_at
+from qirl.rl.lora import add_lora
 
 
 def lr_at(iteration: int, train: Any) -> float:
@@ -44,3 +52,63 @@ def ema_weights(params: dict[str, Tensor], ema: dict[str, Tensor] | None) -> Ite
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(saved[n])
+
+
+@dataclass
+class TrainState:
+    """What both RL trainers train and checkpoint: the trained weights (full DiT or LoRA adapters, by
+    name), their optional EMA, AdamW, the numpy data RNG, the torch generator and the iteration."""
+
+    params: list[torch.nn.Parameter]
+    named: dict[str, Tensor]
+    ema: dict[str, Tensor] | None
+    opt: torch.optim.Optimizer
+    rng: np.random.Generator
+    gen: torch.Generator
+    iteration: int = 0
+
+    @classmethod
+    def create(cls, policy: Any, train: Any, seed: int) -> TrainState:
+        """Freeze all but the trained weights (``train.lora_rank`` > 0: LoRA adapters through peft; else
+        the policy's `trainable_parameters`), then AdamW, the EMA copy and seeded RNGs."""
+        if train.lora_rank > 0:
+            params = add_lora(policy, train.lora_rank, train.lora_alpha, train.lora_targets)
+        else:
+            params = list(policy.trainable_parameters())
+            trainable = {id(p) for p in params}
+            for p in policy.parameters():
+                p.requires_grad_(id(p) in trainable)
+        named = {n: p for n, p in policy.named_parameters() if p.requires_grad}
+        ema = {n: p.detach().clone() for n, p in named.items()} if train.ema_decay > 0 else None
+        opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+        return cls(params, named, ema, opt, np.random.default_rng(seed), torch.Generator().manual_seed(seed))
+
+    def restore(self, path: Path, policy: Any) -> None:
+        """Load a checkpoint written by `save`; a mismatched one (other model or LoRA setting) is a UserError."""
+        ckpt = load_checkpoint(path)
+        missing = set(self.named) - set(ckpt.tensors["model"])
+        if missing:
+            raise UserError(
+                f"{path}: checkpoint lacks weights {sorted(missing)[:3]}; was it made from another model or LoRA setting?"
+            )
+        policy.load_state_dict(ckpt.tensors["model"], strict=False)
+        self.opt.load_state_dict(ckpt.nested("optimizer"))
+        if self.ema is not None and "ema" in ckpt.tensors:
+            self.ema = {n: ckpt.tensors["ema"][n].clone() for n in self.named}
+        self.rng.bit_generator.state = ckpt.state["data_rng"]
+        self.gen.set_state(ckpt.tensors["rng"]["torch"])
+        self.iteration = ckpt.step
+
+    def save(self, out: Path, iteration: int, recipe: Any, keep: int) -> Path:
+        """Atomic checkpoint of everything `restore` needs (`qirl.checkpoint.save_checkpoint`)."""
+        tensors = {"model": {n: p.detach().clone() for n, p in self.named.items()}, "rng": {"torch": self.gen.get_state()}}
+        if self.ema is not None:
+            tensors["ema"] = self.ema
+        return save_checkpoint(
+            out,
+            iteration,
+            tensors,
+            {"data_rng": self.rng.bit_generator.state, "recipe": dump_recipe(recipe)},
+            nested={"optimizer": self.opt.state_dict()},
+            keep=keep,
+        )

@@ -63,20 +63,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from qirl import ops
-from qirl.checkpoint import load_checkpoint, save_checkpoint
-from qirl.config import dump_recipe
 from qirl.data import PromptRecord
 from qirl.errors import UserError
 from qirl.models.policy import Condition, FlowPolicy
 from qirl.models.registry import load_policy
-from qirl.rl.common import ema_update, ema_weights, lr_at
+from qirl.rl.common import TrainState, ema_update, ema_weights, lr_at
 from qirl.rl.heldout import HeldoutConfig, heldout_eval, heldout_sets
-from qirl.rl.lora import TINY_DIT_TARGETS, add_lora, save_policy
+from qirl.rl.lora import TINY_DIT_TARGETS, save_policy
 from qirl.rl.prompts import PromptSource
 from qirl.runlog import MetricsLog, checkpoint_to_resume, start_metrics
 from qirl.samples import record_source
@@ -390,52 +387,17 @@ def distill(recipe: DistillRecipe, resume: bool = False) -> Iterator[dict[str, A
     torch.manual_seed(recipe.run.seed)
     student = load_policy(recipe.student)
     student.eval()  # no dropout: the student and teacher velocities are compared as deployed
-    if tr.lora_rank > 0:
-        params = add_lora(student, tr.lora_rank, tr.lora_alpha, tr.lora_targets)
-    else:
-        params = list(student.trainable_parameters())
-        trainable = {id(p) for p in params}
-        for p in student.parameters():
-            p.requires_grad_(id(p) in trainable)
-    named = {n: p for n, p in student.named_parameters() if p.requires_grad}  # the trained weights by name
-    ema = {n: p.detach().clone() for n, p in named.items()} if tr.ema_decay > 0 else None
-    opt = torch.optim.AdamW(params, lr=tr.lr, weight_decay=tr.weight_decay)
-    rng = np.random.default_rng(recipe.run.seed)
-    gen = torch.Generator().manual_seed(recipe.run.seed)
-    iteration = 0
+    state = TrainState.create(student, tr, recipe.run.seed)
     if existing is not None:
-        ckpt = load_checkpoint(existing)
-        missing = set(named) - set(ckpt.tensors["model"])
-        if missing:
-            raise UserError(
-                f"{existing}: checkpoint lacks weights {sorted(missing)[:3]}; was it made from another model or LoRA setting?"
-            )
-        student.load_state_dict(ckpt.tensors["model"], strict=False)
-        opt.load_state_dict(ckpt.nested("optimizer"))
-        if ema is not None:
-            ema = {n: ckpt.tensors["ema"][n].clone() for n in named} if "ema" in ckpt.tensors else ema
-        rng.bit_generator.state = ckpt.state["data_rng"]
-        gen.set_state(ckpt.tensors["rng"]["torch"])
-        iteration = ckpt.step
+        state.restore(existing, student)
+    params, named, ema, opt, rng, gen = state.params, state.named, state.ema, state.opt, state.rng, state.gen
+    iteration = state.iteration
     log = MetricsLog(
         start_metrics(out, recipe, iteration if existing is not None else None), recipe.run.tensorboard
     )
 
     def checkpoint() -> Path:
-        tensors = {
-            "model": {n: p.detach().clone() for n, p in named.items()},
-            "rng": {"torch": gen.get_state()},
-        }
-        if ema is not None:
-            tensors["ema"] = ema
-        return save_checkpoint(
-            out,
-            iteration,
-            tensors,
-            {"data_rng": rng.bit_generator.state, "recipe": dump_recipe(recipe)},
-            nested={"optimizer": opt.state_dict()},
-            keep=recipe.run.keep_checkpoints,
-        )
+        return state.save(out, iteration, recipe, recipe.run.keep_checkpoints)
 
     def evaluate(step: int) -> dict[str, float]:
         with ema_weights(named, ema):
