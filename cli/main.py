@@ -152,7 +152,7 @@ app.add_typer(score_app, name="score")
 def _composite(rewards: list[str] | None, recipe: Path | None):
     """A composite from `--reward` names (weight 1 each) or from the `rewards:` section of a YAML file."""
     from qirl.config import load_recipe
-    from qirl.rewards.composite import CompositeConfig, CompositeReward
+    from qirl.rewards.composite import CompositeConfig, CompositeReward, parse_reward_spec
 
     if rewards and recipe:
         raise UserError("give --reward or --rewards-recipe, not both")
@@ -170,24 +170,8 @@ def _composite(rewards: list[str] | None, recipe: Path | None):
             cfg = load_recipe(CompositeConfig, recipe)
         return CompositeReward.from_config(cfg)
     if rewards:
-        return CompositeReward.from_config(CompositeConfig(models=[_reward_spec(r) for r in rewards]))
+        return CompositeReward.from_config(CompositeConfig(models=[parse_reward_spec(r) for r in rewards]))
     return None
-
-
-def _reward_spec(text: str):
-    """`name` or `name:key=value,key=value` (e.g. `vlm_pointwise:path=runs/rm_pointwise/model`)."""
-    import yaml
-
-    from qirl.rewards.composite import RewardSpec
-
-    name, _, rest = text.partition(":")
-    args = {}
-    for pair in filter(None, rest.split(",")):
-        key, eq, value = pair.partition("=")
-        if not eq or not key:
-            raise UserError(f"--reward {text!r}: arguments must be key=value, got {pair!r}")
-        args[key] = yaml.safe_load(value)
-    return RewardSpec(name=name, args=args)
 
 
 @score_app.command("images")

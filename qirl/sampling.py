@@ -192,6 +192,16 @@ def initial_noise(policy: FlowPolicy, batch: int, generator: torch.Generator | N
     return noise.to(policy.device)  # [B, C, H, W]
 
 
+def _start_noise(policy: FlowPolicy, b: int, generator: torch.Generator | None, noise: Tensor | None) -> Tensor:
+    """The given initial noise (shape-checked, fp32 on the policy's device), else a fresh draw."""
+    if noise is None:
+        return initial_noise(policy, b, generator)  # [B, C, H, W]
+    expected = (b, *policy.latent_shape)
+    if tuple(noise.shape) != expected:
+        raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {expected}")
+    return noise.to(device=policy.device, dtype=torch.float32)  # [B, C, H, W]
+
+
 @overload
 def sample_ode(
     policy: FlowPolicy,
@@ -244,13 +254,7 @@ def sample_ode(
     [num_steps + 1, B, C, H, W] (index 0 is the noise, the last is the returned latents).
     """
     b = cond.batch_size
-    if noise is None:
-        x = initial_noise(policy, b, generator)  # [B, C, H, W]
-    else:
-        expected = (b, *policy.latent_shape)
-        if tuple(noise.shape) != expected:
-            raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {expected}")
-        x = noise.to(device=policy.device, dtype=torch.float32)  # [B, C, H, W]
+    x = _start_noise(policy, b, generator, noise)  # [B, C, H, W]
     if guidance > 1.0 and uncond is None:
         uncond = policy.null_condition(cond)
     grid = timesteps(num_steps, shift).tolist()
@@ -456,13 +460,7 @@ def sample_sde(
     grid_t = timesteps(num_steps, shift)  # [N + 1]
     window = _check_window(sde_window, num_steps)
     b = cond.batch_size
-    if noise is None:
-        x = initial_noise(policy, b, generator)  # [B, C, H, W]
-    else:
-        expected = (b, *policy.latent_shape)
-        if tuple(noise.shape) != expected:
-            raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {expected}")
-        x = noise.to(device=policy.device, dtype=torch.float32)  # [B, C, H, W]
+    x = _start_noise(policy, b, generator, noise)  # [B, C, H, W]
     if cfg_mode == "none":
         guidance = 1.0
     cfg = guidance > 1.0

@@ -28,25 +28,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import yaml
 
 from qirl.data import PromptRecord
 from qirl.errors import UserError
 from qirl.eval.checklist import EDIT_PILLARS, T2I_PILLARS, ImageScore, edit_image_score, t2i_image_score
-
-
-def reward_spec(text: str):
-    """`name` or `name:key=value,key=value` -> RewardSpec (values read as YAML scalars)."""
-    from qirl.rewards.composite import RewardSpec
-
-    name, _, rest = text.partition(":")
-    args = {}
-    for pair in filter(None, rest.split(",")):
-        key, eq, value = pair.partition("=")
-        if not eq or not key:
-            raise UserError(f"judge {text!r}: arguments must be key=value, got {pair!r}")
-        args[key] = yaml.safe_load(value)
-    return RewardSpec(name=name, args=args)
 
 
 class OracleJudge:
@@ -77,9 +62,9 @@ class RewardJudge:
     """Reward models as a judge: one pillar per reward (x 100), overall = weighted mean of the valid ones."""
 
     def __init__(self, specs: Sequence[str]) -> None:
-        from qirl.rewards.composite import CompositeConfig, CompositeReward
+        from qirl.rewards.composite import CompositeConfig, CompositeReward, parse_reward_spec
 
-        self.composite = CompositeReward.from_config(CompositeConfig(models=[reward_spec(s) for s in specs]))
+        self.composite = CompositeReward.from_config(CompositeConfig(models=[parse_reward_spec(s, "judge") for s in specs]))
         self.name = "+".join(specs)
 
     def pillars(self, task: str) -> tuple[str, ...]:

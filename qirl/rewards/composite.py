@@ -39,6 +39,21 @@ class RewardSpec:
     args: dict[str, Any] = field(default_factory=dict)
 
 
+def parse_reward_spec(text: str, flag: str = "--reward") -> RewardSpec:
+    """`name` or `name:key=value,key=value` (e.g. `vlm_pointwise:path=builtin,dimension=fidelity`) as the
+    command line names a reward; values are read as YAML scalars. ``flag`` names the option in errors."""
+    import yaml
+
+    name, _, rest = text.partition(":")
+    args = {}
+    for pair in filter(None, rest.split(",")):
+        key, eq, value = pair.partition("=")
+        if not eq or not key:
+            raise UserError(f"{flag} {text!r}: arguments must be key=value, got {pair!r}")
+        args[key] = yaml.safe_load(value)
+    return RewardSpec(name=name, args=args)
+
+
 @dataclass
 class CompositeConfig:
     models: list[RewardSpec] = field(default_factory=lambda: [RewardSpec()])

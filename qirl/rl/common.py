@@ -3,6 +3,7 @@ warm-up and the EMA of the trained weights."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -98,6 +99,20 @@ class TrainState:
         self.rng.bit_generator.state = ckpt.state["data_rng"]
         self.gen.set_state(ckpt.tensors["rng"]["torch"])
         self.iteration = ckpt.step
+
+    def step(self, finite: bool, iteration: int, train: Any) -> tuple[float, bool]:
+        """Clip the accumulated gradients to ``train.grad_clip`` and take one AdamW step (then the EMA),
+        unless the loss or the gradient norm is not finite: then the step is skipped and weights and
+        optimizer state stay untouched. Returns (gradient norm before clipping, skipped)."""
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, train.grad_clip))
+        skipped = not (finite and math.isfinite(grad_norm))
+        if skipped:
+            self.opt.zero_grad(set_to_none=True)
+        else:
+            self.opt.step()
+            if self.ema is not None:
+                ema_update(self.ema, self.named, iteration, train.ema_decay)
+        return grad_norm, skipped
 
     def save(self, out: Path, iteration: int, recipe: Any, keep: int) -> Path:
         """Atomic checkpoint of everything `restore` needs (`qirl.checkpoint.save_checkpoint`)."""

@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -71,7 +70,7 @@ from qirl.data import PromptRecord
 from qirl.errors import UserError
 from qirl.models.policy import Condition, FlowPolicy
 from qirl.models.registry import load_policy
-from qirl.rl.common import TrainState, ema_update, ema_weights, lr_at
+from qirl.rl.common import TrainState, ema_weights, lr_at
 from qirl.rl.heldout import HeldoutConfig, heldout_eval, heldout_sets
 from qirl.rl.lora import TINY_DIT_TARGETS, save_policy
 from qirl.rl.prompts import PromptSource
@@ -390,7 +389,7 @@ def distill(recipe: DistillRecipe, resume: bool = False) -> Iterator[dict[str, A
     state = TrainState.create(student, tr, recipe.run.seed)
     if existing is not None:
         state.restore(existing, student)
-    params, named, ema, opt, rng, gen = state.params, state.named, state.ema, state.opt, state.rng, state.gen
+    named, ema, opt, rng, gen = state.named, state.ema, state.opt, state.rng, state.gen
     iteration = state.iteration
     log = MetricsLog(
         start_metrics(out, recipe, iteration if existing is not None else None), recipe.run.tensorboard
@@ -455,15 +454,8 @@ def distill(recipe: DistillRecipe, resume: bool = False) -> Iterator[dict[str, A
                             finite = False
                         loss.backward()
                         per_row[a + route.rows] += mse.per_sample.detach().float() / K
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tr.grad_clip))
-            skipped = not (finite and math.isfinite(grad_norm))
-            if skipped:
-                opt.zero_grad(set_to_none=True)  # weights and optimizer state untouched
-                skipped_total += 1
-            else:
-                opt.step()
-                if ema is not None:
-                    ema_update(ema, named, iteration, tr.ema_decay)
+            grad_norm, skipped = state.step(finite, iteration, tr)  # skipped: weights untouched
+            skipped_total += skipped
             train_s = time.perf_counter() - t_train
             iteration += 1
             t_ckpt = time.perf_counter()

@@ -40,7 +40,6 @@ The run is a generator of metric dicts; it never prints.
 from __future__ import annotations
 
 import copy
-import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -57,7 +56,7 @@ from qirl.models.registry import load_policy
 from qirl.rewards.base import RewardRecord
 from qirl.rewards.composite import CompositeConfig, CompositeReward, RewardSpec
 from qirl.rewards.service import RewardService
-from qirl.rl.common import TrainState, ema_update, ema_weights, lr_at
+from qirl.rl.common import TrainState, ema_weights, lr_at
 from qirl.rl.heldout import HeldoutConfig, heldout_eval, heldout_sets
 from qirl.rl.lora import TINY_DIT_TARGETS, save_policy
 from qirl.rl.prompts import PromptSource
@@ -267,7 +266,7 @@ def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
     state = TrainState.create(policy, tr, recipe.run.seed)
     if existing is not None:
         state.restore(existing, policy)
-    params, named, ema, opt, rng, gen = state.params, state.named, state.ema, state.opt, state.rng, state.gen
+    named, ema, opt, rng, gen = state.named, state.ema, state.opt, state.rng, state.gen
     iteration = state.iteration
     log = MetricsLog(start_metrics(out, recipe, iteration if existing is not None else None), recipe.run.tensorboard)
 
@@ -368,15 +367,8 @@ def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
                         loss_total += float(loss.detach())
                         loss.backward()
                         ratios.append(ratio.detach())
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tr.grad_clip))
-                skipped = not (finite and math.isfinite(grad_norm))
-                if skipped:
-                    opt.zero_grad(set_to_none=True)  # weights and optimizer state untouched
-                    skipped_total += 1
-                else:
-                    opt.step()
-                    if ema is not None:
-                        ema_update(ema, named, iteration, tr.ema_decay)
+                grad_norm, skipped = state.step(finite, iteration, tr)  # skipped: weights untouched
+                skipped_total += skipped
             train_s = time.perf_counter() - t_train
             iteration += 1
             t_ckpt = time.perf_counter()
