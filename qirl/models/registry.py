@@ -5,6 +5,7 @@ Every command that takes `--model` goes through `load_policy`, so the same spell
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -13,6 +14,45 @@ import torch
 from qirl.checkpoint import latest_checkpoint
 from qirl.errors import UserError
 from qirl.models.policy import FlowPolicy
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class PolicyOptions:
+    """How a trainer loads its policy (the recipe's ``policy:`` section); the tiny DiT uses only
+    ``device``/``dtype``, a diffusers pipeline all of them.
+
+    device: auto (cuda:LOCAL_RANK when CUDA is there, else cpu) | cpu | cuda | cuda:N.
+    dtype: float32 | bfloat16 | float16 of the weights (log-probs and the SDE step stay fp32).
+    resolution: image side in pixels (0: the model's default; the tiny DiT is fixed at its own).
+    gradient_checkpointing: recompute transformer blocks in backward (diffusers models).
+    max_sequence_length: text tokens kept per prompt (0: the pipeline's default).
+    """
+
+    device: str = "auto"
+    dtype: str = "float32"
+    resolution: int = 0
+    gradient_checkpointing: bool = False
+    max_sequence_length: int = 0
+
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype not in DTYPES:
+            raise UserError(f"policy.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        return DTYPES[self.dtype]
+
+    def torch_device(self) -> torch.device:
+        """The device to load on; ``auto`` under torchrun is this process's GPU."""
+        import os
+
+        if self.device == "auto":
+            if torch.cuda.is_available():
+                return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            return torch.device("cpu")
+        try:
+            return torch.device(self.device)
+        except RuntimeError:
+            raise UserError(f"policy.device: unknown device {self.device!r}") from None
 
 
 def base_model_path() -> Path:

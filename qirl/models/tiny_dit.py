@@ -134,6 +134,9 @@ class DiTBlock(nn.Module):
 class TinyDiT(nn.Module):
     """The unified text-to-image + edit flow model of the Shapes world (a `FlowPolicy`)."""
 
+    # LoRA targets (`train.lora_targets: auto`): the DiT blocks' projections, not the frozen text encoder's.
+    default_lora_targets = r"blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
+
     def __init__(self, config: TinyDiTConfig, tokenizer: Tokenizer) -> None:
         super().__init__()
         vocab = tokenizer.get_vocab_size()

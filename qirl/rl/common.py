@@ -18,7 +18,7 @@ from qirl.checkpoint import load_checkpoint, save_checkpoint
 from qirl.config import dump_recipe
 from qirl.errors import UserError
 from qirl.pretrain import ema_decay_at
-from qirl.rl.lora import add_lora
+from qirl.rl.lora import TINY_DIT_TARGETS, add_lora
 
 
 def lr_at(iteration: int, train: Any) -> float:
@@ -73,7 +73,10 @@ class TrainState:
         """Freeze all but the trained weights (``train.lora_rank`` > 0: LoRA adapters through peft; else
         the policy's `trainable_parameters`), then AdamW, the EMA copy and seeded RNGs."""
         if train.lora_rank > 0:
-            params = add_lora(policy, train.lora_rank, train.lora_alpha, train.lora_targets)
+            targets = train.lora_targets
+            if targets == "auto":  # the policy knows its attention/MLP projections
+                targets = getattr(policy, "default_lora_targets", TINY_DIT_TARGETS)
+            params = add_lora(policy, train.lora_rank, train.lora_alpha, targets)
         else:
             params = list(policy.trainable_parameters())
             trainable = {id(p) for p in params}

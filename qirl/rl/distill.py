@@ -72,7 +72,7 @@ from qirl.models.policy import Condition, FlowPolicy
 from qirl.models.registry import load_policy
 from qirl.rl.common import TrainState, ema_weights, lr_at
 from qirl.rl.heldout import HeldoutConfig, heldout_eval, heldout_sets
-from qirl.rl.lora import TINY_DIT_TARGETS, save_policy
+from qirl.rl.lora import save_policy
 from qirl.rl.prompts import PromptSource
 from qirl.runlog import MetricsLog, checkpoint_to_resume, start_metrics
 from qirl.samples import record_source
@@ -126,7 +126,7 @@ class DistillTrain:
     grad_clip: float = 1.0
     lora_rank: int = 0  # > 0: train LoRA adapters (peft) of this rank instead of every DiT weight
     lora_alpha: float = 16.0
-    lora_targets: str = TINY_DIT_TARGETS  # regex over module names
+    lora_targets: str = "auto"  # regex over module names; auto: the policy's default_lora_targets
     ema_decay: float = 0.0  # > 0: keep an EMA of the trained weights (with warm-up); eval and export use it
 
 

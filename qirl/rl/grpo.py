@@ -58,7 +58,7 @@ from qirl.rewards.composite import CompositeConfig, CompositeReward, RewardSpec
 from qirl.rewards.service import RewardService
 from qirl.rl.common import TrainState, ema_weights, lr_at
 from qirl.rl.heldout import HeldoutConfig, heldout_eval, heldout_sets
-from qirl.rl.lora import TINY_DIT_TARGETS, save_policy
+from qirl.rl.lora import save_policy
 from qirl.rl.prompts import PromptSource
 from qirl.runlog import MetricsLog, checkpoint_to_resume, start_metrics
 from qirl.samples import record_source
@@ -115,7 +115,7 @@ class GrpoTrain:
     updates_per_iter: int = 1  # AdamW steps on each rollout batch (> 1: the ratio clip starts to bind)
     lora_rank: int = 0  # > 0: train LoRA adapters (peft) of this rank instead of every DiT weight
     lora_alpha: float = 16.0
-    lora_targets: str = TINY_DIT_TARGETS  # regex over module names
+    lora_targets: str = "auto"  # regex over module names; auto: the policy's default_lora_targets
     ema_decay: float = 0.0  # > 0: keep an EMA of the trained weights (with warm-up); eval and export use it
     reward_workers: int = 2  # RewardService threads
 
