@@ -90,14 +90,24 @@ def _from_run_checkpoint(run: Path) -> FlowPolicy:
     return model
 
 
-def load_policy(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> FlowPolicy:
-    """Load a policy for inference or training; the tiny DiT is the only embedded architecture.
+def load_policy(
+    spec: str,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    options: PolicyOptions | None = None,
+) -> FlowPolicy:
+    """Load a policy for inference or training.
 
     `spec`: `base`, a model folder, a finished run folder (its `model/`), or a run still in progress
-    (the EMA weights of its newest checkpoint).
+    (the EMA weights of its newest checkpoint). ``options`` (a recipe's ``policy:`` section) sets the
+    device and dtype unless ``device``/``dtype`` are given; without either the policy is fp32 on the CPU.
     """
     from qirl.models.tiny_dit import TinyDiT
 
+    if options is not None:
+        device = device if device is not None else options.torch_device()
+        dtype = dtype if dtype is not None else options.torch_dtype()
+    device = device if device is not None else "cpu"
     path = Path(spec)
     if spec != "base" and not (path / "model" / "config.json").is_file() and latest_checkpoint(path) is not None:
         policy = _from_run_checkpoint(path)

@@ -69,7 +69,7 @@ from qirl import ops
 from qirl.data import PromptRecord
 from qirl.errors import UserError
 from qirl.models.policy import Condition, FlowPolicy
-from qirl.models.registry import load_policy
+from qirl.models.registry import PolicyOptions, load_policy
 from qirl.rl.common import TrainState, ema_weights, lr_at
 from qirl.rl.heldout import HeldoutConfig, heldout_eval, heldout_sets
 from qirl.rl.lora import save_policy
@@ -143,6 +143,7 @@ class DistillRun:
 @dataclass
 class DistillRecipe:
     student: str = "base"  # policy spec for `load_policy` (the student's initialisation)
+    policy: PolicyOptions = field(default_factory=PolicyOptions)  # how student and teachers load
     teachers: dict[str, str] = field(default_factory=_default_teachers)  # task -> model or run folder
     teacher: DistillTeacher = field(default_factory=DistillTeacher)
     data: DistillData = field(default_factory=DistillData)
@@ -241,7 +242,7 @@ def nfe_per_iteration(recipe: DistillRecipe) -> int:
 # ------------------------------------------------------------------------------------------ teachers
 
 
-def _load_teacher(task: str, spec: str) -> FlowPolicy:
+def _load_teacher(task: str, spec: str, options: PolicyOptions | None = None) -> FlowPolicy:
     """A frozen teacher (eval mode, no grad); a missing one is a UserError saying which run makes it."""
     if spec != "base" and not Path(spec).exists():
         raise UserError(
@@ -249,7 +250,7 @@ def _load_teacher(task: str, spec: str) -> FlowPolicy:
             f"(run.out_dir={spec}) or point to another run or model (--teachers {task}=PATH)"
         )
     try:
-        teacher = load_policy(spec)
+        teacher = load_policy(spec, options=options)
     except UserError as err:
         raise UserError(f"teacher for task {task!r}: {err}") from None
     teacher.requires_grad_(False)
@@ -277,7 +278,7 @@ def load_teachers(recipe: DistillRecipe, tasks: set[str]) -> dict[str, FlowPolic
     for task in sorted(tasks):
         spec = recipe.teachers[task]
         if spec not in loaded:
-            loaded[spec] = _load_teacher(task, spec)
+            loaded[spec] = _load_teacher(task, spec, recipe.policy)
         out[task] = loaded[spec]
     return out
 
@@ -384,7 +385,7 @@ def distill(recipe: DistillRecipe, resume: bool = False) -> Iterator[dict[str, A
     eval_sets = heldout_sets(recipe.eval) if recipe.eval.every else {}
 
     torch.manual_seed(recipe.run.seed)
-    student = load_policy(recipe.student)
+    student = load_policy(recipe.student, options=recipe.policy)
     student.eval()  # no dropout: the student and teacher velocities are compared as deployed
     state = TrainState.create(student, tr, recipe.run.seed)
     if existing is not None:

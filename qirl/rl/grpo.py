@@ -52,7 +52,7 @@ from torch import Tensor
 
 from qirl import ops
 from qirl.errors import UserError
-from qirl.models.registry import load_policy
+from qirl.models.registry import PolicyOptions, load_policy
 from qirl.rewards.base import RewardRecord
 from qirl.rewards.composite import CompositeConfig, CompositeReward, RewardSpec
 from qirl.rewards.service import RewardService
@@ -133,6 +133,7 @@ class GrpoRun:
 @dataclass
 class GrpoRecipe:
     model: str = "base"  # policy spec for `load_policy` (also the frozen KL reference)
+    policy: PolicyOptions = field(default_factory=PolicyOptions)  # device, dtype, resolution, ...
     data: GrpoData = field(default_factory=GrpoData)
     rewards: CompositeConfig = field(default_factory=_default_rewards)
     sampling: GrpoSampling = field(default_factory=GrpoSampling)
@@ -257,7 +258,7 @@ def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
     eval_sets = heldout_sets(recipe.eval) if recipe.eval.every else {}
 
     torch.manual_seed(recipe.run.seed)
-    policy = load_policy(recipe.model)
+    policy = load_policy(recipe.model, options=recipe.policy)
     policy.eval()  # no dropout: the ratio must be exactly 1 before the update
     reference = None
     if tr.kl_coef > 0:
