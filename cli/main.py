@@ -78,12 +78,50 @@ def _setup(
 
 
 def _run_recipe(schema, run, recipe: Path, overrides, resume: bool, title: str, quiet: bool, json_out: bool) -> None:
-    """Load a training recipe, run its generator with the live view, print the summary."""
+    """Load a training recipe, run its generator with the live view, print the summary.
+
+    Under torchrun only rank 0 shows progress and prints the summary; the process group is closed at the end.
+    """
     from qirl.config import load_recipe
 
+    main_rank = int(os.environ.get("RANK", "0")) == 0
     cfg = load_recipe(schema, recipe, overrides)
-    summary = live_metrics(run(cfg, resume=resume), title, quiet or json_out)
-    print_summary(summary, json_out, title)
+    try:
+        summary = live_metrics(run(cfg, resume=resume), title, quiet or json_out or not main_rank)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if main_rank:
+        print_summary(summary, json_out, title)
+
+
+def _launch(nproc: int) -> None:
+    """Re-run this command line under torchrun with ``nproc`` processes on this node (``--nproc`` removed)
+    and exit with its status; a no-op inside a torchrun worker or for one process."""
+    import subprocess
+    import sys
+
+    if nproc <= 1 or "WORLD_SIZE" in os.environ:
+        return
+    args, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            args.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))  # CPU threads per process
+    raise typer.Exit(subprocess.call([*cmd, "-m", "qirl.cli", *args], env=env))
+
+
+Nproc = Annotated[
+    int, typer.Option(help="Processes on this node (launches torchrun; the same as torchrun --nproc_per_node N -m qirl.cli ...).")
+]
 
 
 @app.command()
@@ -310,9 +348,17 @@ def grpo(
     resume: Resume = False,
     quiet: Quiet = False,
     json_out: AsJson = False,
+    nproc: Nproc = 1,
 ) -> None:
     """GRPO for flow matching: SDE rollouts with hybrid CFG, group-relative multi-reward advantage."""
     from qirl.rl.grpo import GrpoRecipe
+
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:  # check the recipe here, not in N tracebacks
+        from qirl.config import load_recipe
+        from qirl.rl.grpo import validate
+
+        validate(load_recipe(GrpoRecipe, recipe, overrides), world_size=nproc)
+        _launch(nproc)
     from qirl.rl.grpo import grpo as run
 
     _run_recipe(GrpoRecipe, run, recipe, overrides, resume, "grpo", quiet, json_out)

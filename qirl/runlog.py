@@ -81,3 +81,20 @@ class MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+class _NullLog:
+    """What ranks other than 0 log to: nothing."""
+
+    def append(self, row: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def open_metrics(out: Path, recipe: Any, resumed_step: int | None, tensorboard: bool, is_main: bool = True) -> Any:
+    """`start_metrics` + `MetricsLog` on rank 0; a log that drops rows on the other ranks."""
+    if not is_main:
+        return _NullLog()
+    return MetricsLog(start_metrics(out, recipe, resumed_step), tensorboard)

@@ -430,6 +430,7 @@ def sample_sde(
     noise: Tensor | None = None,
     uncond: Condition | None = None,
     keep_all_states: bool = False,
+    step_noise: dict[int, Tensor] | None = None,
 ) -> Rollout:
     """GRPO rollout: SDE steps with log-probs on the trained window, Euler ODE steps elsewhere.
 
@@ -448,7 +449,9 @@ def sample_sde(
 
     Randomness: the initial noise is ``noise`` [B, C, H, W] if given, else drawn from ``generator``;
     the SDE noises are drawn from ``generator`` afterwards, one [B, C, H, W] per SDE step in order, so a
-    seeded generator makes the rollout deterministic. Runs without grad.
+    seeded generator makes the rollout deterministic. ``step_noise`` {n: [B, C, H, W]} gives them
+    instead (data-parallel GRPO draws the global batch's noises once and hands each rank its rows, so
+    the result does not depend on the number of processes). Runs without grad.
 
     Memory kept per rollout (fp32): (S + 1) B C H W for the states and latents (S = K + 1 for a
     contiguous window of K steps) plus 2 N B log-probs.
@@ -480,7 +483,10 @@ def sample_sde(
             x = euler_step(x, v, t, t_next)  # [B, C, H, W]
             continue
         dt = _step_dt(t, t_next)
-        eps = _step_noise(x, generator)  # [B, C, H, W]
+        if step_noise is not None:
+            eps = step_noise[n].to(device=x.device, dtype=torch.float32)  # [B, C, H, W]
+        else:
+            eps = _step_noise(x, generator)  # [B, C, H, W]
         out = ops.cfg_sde_step(
             v_c, x, eps, t, dt, noise_level, v_uncond=v_u, guidance=guidance if cfg else 1.0
         )

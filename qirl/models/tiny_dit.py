@@ -266,8 +266,13 @@ class TinyDiT(nn.Module):
     def velocity(self, x_t: Tensor, t: Tensor, cond: Condition) -> Tensor:
         """v_theta(x_t, t, c) with the target ``v = eps - x_0`` (diffusers flow matching).
 
-        x_t [B, C, H, W], t [B] (or a scalar) in [0, 1] -> [B, C, H, W] in x_t's dtype.
+        x_t [B, C, H, W], t [B] (or a scalar) in [0, 1] -> [B, C, H, W] in x_t's dtype. Goes through
+        ``nn.Module.__call__`` so FSDP2's and DDP's forward hooks see every velocity evaluation.
         """
+        return self(x_t, t, cond)
+
+    def forward(self, x_t: Tensor, t: Tensor, cond: Condition) -> Tensor:
+        """The velocity (call `velocity`)."""
         b = x_t.shape[0]
         if tuple(x_t.shape[1:]) != self.latent_shape:
             raise ValueError(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +16,18 @@ from torch import Tensor
 
 from qirl.checkpoint import load_checkpoint, save_checkpoint
 from qirl.config import dump_recipe
+from qirl.distributed import (
+    DistributedConfig,
+    World,
+    choose_strategy,
+    full_state,
+    full_tensor,
+    shard_like,
+    wrap_policy,
+)
 from qirl.errors import UserError
 from qirl.pretrain import ema_decay_at
-from qirl.rl.lora import TINY_DIT_TARGETS, add_lora
+from qirl.rl.lora import TINY_DIT_TARGETS, add_lora, save_policy
 
 
 def lr_at(iteration: int, train: Any) -> float:
@@ -55,10 +64,48 @@ def ema_weights(params: dict[str, Tensor], ema: dict[str, Tensor] | None) -> Ite
                 p.copy_(saved[n])
 
 
+def lora_targets(policy: Any, train: Any) -> str:
+    """``train.lora_targets``, where ``auto`` is the policy's own `default_lora_targets` (its attention
+    and MLP projections)."""
+    if train.lora_targets == "auto":
+        return getattr(policy, "default_lora_targets", TINY_DIT_TARGETS)
+    return train.lora_targets
+
+
+def _optimizer_state_by_name(opt: torch.optim.Optimizer, names: list[str]) -> dict[str, Any]:
+    """``opt.state_dict()`` keyed by parameter name instead of position, with full (gathered) tensors,
+    so a checkpoint loads whatever the number of processes or the parameter order."""
+    sd = opt.state_dict()
+    state = {names[i]: full_state(v) for i, v in sd["state"].items()}
+    groups = [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def _optimizer_state_by_index(saved: dict[str, Any], names: list[str], named: dict[str, Tensor]) -> dict[str, Any]:
+    """The inverse of `_optimizer_state_by_name` for this process's parameters (moments sharded like
+    their parameter). A checkpoint written before the name keys (integer keys) passes through."""
+    if all(isinstance(i, int) for g in saved["param_groups"] for i in g["params"]):
+        return saved
+    index = {n: i for i, n in enumerate(names)}
+    state = {}
+    for name, value in saved["state"].items():
+        p = named[name]
+        state[index[name]] = {
+            k: shard_like(v, p) if (isinstance(v, Tensor) and v.shape == p.shape) else v for k, v in value.items()
+        }
+    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in saved["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
 @dataclass
 class TrainState:
     """What both RL trainers train and checkpoint: the trained weights (full DiT or LoRA adapters, by
-    name), their optional EMA, AdamW, the numpy data RNG, the torch generator and the iteration."""
+    name), their optional EMA, AdamW, the numpy data RNG, the torch generator and the iteration.
+
+    ``view`` is what the trainer calls for velocities (the policy, or its DDP view under torchrun;
+    `qirl.distributed`). Under several processes every rank holds the same RNG states; checkpoints hold
+    full tensors written by rank 0, so a run resumes on any number of processes.
+    """
 
     params: list[torch.nn.Parameter]
     named: dict[str, Tensor]
@@ -67,25 +114,40 @@ class TrainState:
     rng: np.random.Generator
     gen: torch.Generator
     iteration: int = 0
+    view: Any = None
+    world: World = field(default_factory=World)
 
     @classmethod
-    def create(cls, policy: Any, train: Any, seed: int) -> TrainState:
+    def create(
+        cls,
+        policy: Any,
+        train: Any,
+        seed: int,
+        world: World | None = None,
+        distributed: DistributedConfig | None = None,
+    ) -> TrainState:
         """Freeze all but the trained weights (``train.lora_rank`` > 0: LoRA adapters through peft; else
-        the policy's `trainable_parameters`), then AdamW, the EMA copy and seeded RNGs."""
-        if train.lora_rank > 0:
-            targets = train.lora_targets
-            if targets == "auto":  # the policy knows its attention/MLP projections
-                targets = getattr(policy, "default_lora_targets", TINY_DIT_TARGETS)
-            params = add_lora(policy, train.lora_rank, train.lora_alpha, targets)
+        the policy's `trainable_parameters`), wrap for data parallelism (DDP or FSDP2, several processes
+        only), then AdamW, the EMA copy and seeded RNGs."""
+        world = world or World()
+        lora = train.lora_rank > 0
+        if lora:
+            add_lora(policy, train.lora_rank, train.lora_alpha, lora_targets(policy, train))
         else:
-            params = list(policy.trainable_parameters())
-            trainable = {id(p) for p in params}
+            trainable = {id(p) for p in policy.trainable_parameters()}
             for p in policy.parameters():
                 p.requires_grad_(id(p) in trainable)
+        view = policy
+        if world.distributed:
+            config = distributed or DistributedConfig()
+            view = wrap_policy(policy, world, choose_strategy(config, policy, lora), config.mixed_precision)
+        # Collected after wrapping: FSDP2 swaps parameters for sharded DTensors.
         named = {n: p for n, p in policy.named_parameters() if p.requires_grad}
+        params = list(named.values())
         ema = {n: p.detach().clone() for n, p in named.items()} if train.ema_decay > 0 else None
         opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
-        return cls(params, named, ema, opt, np.random.default_rng(seed), torch.Generator().manual_seed(seed))
+        rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
+        return cls(params, named, ema, opt, rng, gen, view=view, world=world)
 
     def restore(self, path: Path, policy: Any) -> None:
         """Load a checkpoint written by `save`; a mismatched one (other model or LoRA setting) is a UserError."""
@@ -95,20 +157,23 @@ class TrainState:
             raise UserError(
                 f"{path}: checkpoint lacks weights {sorted(missing)[:3]}; was it made from another model or LoRA setting?"
             )
-        policy.load_state_dict(ckpt.tensors["model"], strict=False)
-        self.opt.load_state_dict(ckpt.nested("optimizer"))
+        with torch.no_grad():
+            for n, p in self.named.items():
+                p.copy_(shard_like(ckpt.tensors["model"][n], p))
+        names = list(self.named)
+        self.opt.load_state_dict(_optimizer_state_by_index(ckpt.nested("optimizer"), names, self.named))
         if self.ema is not None and "ema" in ckpt.tensors:
-            self.ema = {n: ckpt.tensors["ema"][n].clone() for n in self.named}
+            self.ema = {n: shard_like(ckpt.tensors["ema"][n].clone(), p) for n, p in self.named.items()}
         self.rng.bit_generator.state = ckpt.state["data_rng"]
         self.gen.set_state(ckpt.tensors["rng"]["torch"])
         self.iteration = ckpt.step
 
     def step(self, finite: bool, iteration: int, train: Any) -> tuple[float, bool]:
         """Clip the accumulated gradients to ``train.grad_clip`` and take one AdamW step (then the EMA),
-        unless the loss or the gradient norm is not finite: then the step is skipped and weights and
-        optimizer state stay untouched. Returns (gradient norm before clipping, skipped)."""
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, train.grad_clip))
-        skipped = not (finite and math.isfinite(grad_norm))
+        unless the loss or the gradient norm is not finite on any rank: then the step is skipped and
+        weights and optimizer state stay untouched. Returns (gradient norm before clipping, skipped)."""
+        grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(self.params, train.grad_clip)))
+        skipped = not self.world.all_true(finite and math.isfinite(grad_norm))
         if skipped:
             self.opt.zero_grad(set_to_none=True)
         else:
@@ -118,15 +183,59 @@ class TrainState:
         return grad_norm, skipped
 
     def save(self, out: Path, iteration: int, recipe: Any, keep: int) -> Path:
-        """Atomic checkpoint of everything `restore` needs (`qirl.checkpoint.save_checkpoint`)."""
-        tensors = {"model": {n: p.detach().clone() for n, p in self.named.items()}, "rng": {"torch": self.gen.get_state()}}
+        """Atomic checkpoint of everything `restore` needs (`qirl.checkpoint.save_checkpoint`). Every
+        rank gathers (a collective), rank 0 writes, the others wait for it."""
+        names = list(self.named)
+        tensors: dict[str, dict[str, Tensor]] = {
+            "model": {n: full_tensor(p).detach().clone() for n, p in self.named.items()},
+            "rng": {"torch": self.gen.get_state()},
+        }
         if self.ema is not None:
-            tensors["ema"] = self.ema
-        return save_checkpoint(
-            out,
-            iteration,
-            tensors,
-            {"data_rng": self.rng.bit_generator.state, "recipe": dump_recipe(recipe)},
-            nested={"optimizer": self.opt.state_dict()},
-            keep=keep,
-        )
+            tensors["ema"] = full_state(self.ema)
+        optimizer = _optimizer_state_by_name(self.opt, names)
+        path = Path(out) / "checkpoints" / f"step_{iteration:08d}"
+        if self.world.is_main:
+            path = save_checkpoint(
+                out,
+                iteration,
+                tensors,
+                {"data_rng": self.rng.bit_generator.state, "recipe": dump_recipe(recipe)},
+                nested={"optimizer": optimizer},
+                keep=keep,
+            )
+        self.world.barrier()
+        return path
+
+
+def image_size(policy: Any) -> int:
+    """Side in pixels of the policy's images (edit sources are rendered at it): ``policy.image_size``
+    when the policy states it, else the size its decoder gives a latent of zeros."""
+    size = getattr(policy, "image_size", None)
+    if size is not None:
+        return int(size)
+    with torch.no_grad():
+        latent = torch.zeros(1, *policy.latent_shape, device=policy.device, dtype=policy.dtype)
+        return int(policy.decode(latent).shape[-1])
+
+
+def export_policy(policy: Any, directory: Path, lora: bool, world: World, rebuild: Any, train: Any) -> None:
+    """Save the trained policy (LoRA merged) as a model folder; rank 0 writes.
+
+    Under FSDP2 the weights are sharded: every rank gathers the full state dict (a collective), and rank 0
+    loads it into a fresh unsharded copy from ``rebuild()`` (with the same LoRA adapters) to save that.
+    """
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in policy.parameters()):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if world.is_main:
+            fresh = rebuild()
+            if lora:
+                add_lora(fresh, train.lora_rank, train.lora_alpha, lora_targets(fresh, train))
+            fresh.load_state_dict(full)
+            save_policy(fresh, directory, lora=lora)
+    elif world.is_main:
+        save_policy(policy, directory, lora=lora)
+    world.barrier()

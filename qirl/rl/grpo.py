@@ -51,16 +51,16 @@ import torch
 from torch import Tensor
 
 from qirl import ops
+from qirl.distributed import DistributedConfig, init_world, sync_gradients
 from qirl.errors import UserError
 from qirl.models.registry import PolicyOptions, load_policy
 from qirl.rewards.base import RewardRecord
 from qirl.rewards.composite import CompositeConfig, CompositeReward, RewardSpec
 from qirl.rewards.service import RewardService
-from qirl.rl.common import TrainState, ema_weights, lr_at
+from qirl.rl.common import TrainState, ema_weights, export_policy, image_size, lr_at
 from qirl.rl.heldout import HeldoutConfig, heldout_eval, heldout_sets
-from qirl.rl.lora import save_policy
 from qirl.rl.prompts import PromptSource
-from qirl.runlog import MetricsLog, checkpoint_to_resume, start_metrics
+from qirl.runlog import checkpoint_to_resume, open_metrics
 from qirl.samples import record_source
 from qirl.sampling import CFG_MODES, sample_sde, sde_kl_factor, trajectory_logprob
 
@@ -140,6 +140,7 @@ class GrpoRecipe:
     train: GrpoTrain = field(default_factory=GrpoTrain)
     eval: HeldoutConfig = field(default_factory=HeldoutConfig)
     run: GrpoRun = field(default_factory=GrpoRun)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)  # torchrun runs only
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -148,9 +149,14 @@ KL_SPACES = ("velocity", "mean")
 ADVANTAGES = ("per_reward", "combined")
 
 
-def validate(recipe: GrpoRecipe) -> None:
-    """UserError naming the key for every setting a run cannot use."""
+def validate(recipe: GrpoRecipe, world_size: int = 1) -> None:
+    """UserError naming the key for every setting a run cannot use (on ``world_size`` processes)."""
     s, t = recipe.sampling, recipe.train
+    recipe.distributed.validate()
+    if t.prompts_per_iter % world_size:
+        raise UserError(
+            f"train.prompts_per_iter={t.prompts_per_iter} must be divisible by the number of processes ({world_size})"
+        )
     if s.cfg_mode not in CFG_MODES:
         raise UserError(f"sampling.cfg_mode must be one of {', '.join(CFG_MODES)}, got {s.cfg_mode!r}")
     if s.num_steps < 1:
@@ -239,6 +245,19 @@ def advantages(rewards: Tensor, weights: Tensor, train: GrpoTrain) -> Tensor:
     return torch.nan_to_num(adv, nan=0.0, posinf=0.0, neginf=0.0)
 
 
+def _step_noises(
+    gen: torch.Generator, global_chunks: list[tuple[int, int]], window: list[int], shape: Any, lo: int, hi: int
+) -> dict[int, Tensor]:
+    """The SDE noises {n: [hi - lo, C, H, W]} of global rows lo..hi, drawn for the WHOLE global batch in
+    the order a one-process run draws them (micro-batch by micro-batch, window step by window step), so
+    a run's rollouts do not depend on its number of processes."""
+    drawn: dict[int, list[Tensor]] = {n: [] for n in window}
+    for a, b in global_chunks:
+        for n in window:
+            drawn[n].append(torch.randn((b - a, *shape), generator=gen, dtype=torch.float32))
+    return {n: torch.cat(parts)[lo:hi] for n, parts in drawn.items()}
+
+
 def _stats(values: list[Tensor]) -> Tensor:
     return torch.cat([v.reshape(-1) for v in values]) if values else torch.zeros(0)
 
@@ -249,8 +268,12 @@ def _stats(values: list[Tensor]) -> Tensor:
 def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
     """Run GRPO; yield a metrics dict every `log_every` iterations (and eval rows), then `done`."""
     validate(recipe)
+    world = init_world(recipe.distributed)
+    P, G, M = recipe.train.prompts_per_iter, recipe.train.group_size, recipe.train.micro_batch
+    mine = world.rows(P, "train.prompts_per_iter")  # this rank's prompts: whole groups
     out = Path(recipe.run.out_dir)
     existing = checkpoint_to_resume(out, resume)
+    world.barrier()  # every rank has looked at out_dir before rank 0 writes into it
     s, tr = recipe.sampling, recipe.train
     composite = CompositeReward.from_config(recipe.rewards)
     names = composite.names
@@ -264,24 +287,28 @@ def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
     if tr.kl_coef > 0:
         reference = copy.deepcopy(policy)
         reference.requires_grad_(False)
-    state = TrainState.create(policy, tr, recipe.run.seed)
+    state = TrainState.create(policy, tr, recipe.run.seed, world, recipe.distributed)
     if existing is not None:
         state.restore(existing, policy)
-    named, ema, opt, rng, gen = state.named, state.ema, state.opt, state.rng, state.gen
+    named, ema, opt, rng, gen, view = state.named, state.ema, state.opt, state.rng, state.gen, state.view
     iteration = state.iteration
-    log = MetricsLog(start_metrics(out, recipe, iteration if existing is not None else None), recipe.run.tensorboard)
+    resumed_at = iteration if existing is not None else None
+    log = open_metrics(out, recipe, resumed_at, recipe.run.tensorboard, world.is_main)
 
     def checkpoint() -> Path:
         return state.save(out, iteration, recipe, recipe.run.keep_checkpoints)
 
     def evaluate(step: int) -> dict[str, float]:
-        with ema_weights(named, ema):
-            return heldout_eval(policy, recipe.eval, eval_sets, out / "grids" / f"step_{step:05d}")
+        grid = out / "grids" / f"step_{step:05d}" if world.is_main else None
+        with ema_weights(named, ema):  # every rank evaluates: FSDP's forward is a collective
+            return heldout_eval(policy, recipe.eval, eval_sets, grid)
 
-    P, G, M = tr.prompts_per_iter, tr.group_size, tr.micro_batch
-    B = P * G
-    img_size = int(policy.decode(torch.zeros(1, *policy.latent_shape)).shape[-1])  # edit sources
-    chunks = [(a, min(a + M, B)) for a in range(0, B, M)]
+    B = P * G  # global rows; this rank's are rows[lo:hi]
+    lo, hi = mine.start * G, mine.stop * G
+    B_local = hi - lo
+    img_size = image_size(policy)  # edit sources are rendered at the decoder's size
+    global_chunks = [(a, min(a + M, B)) for a in range(0, B, M)]
+    chunks = [(a, min(a + M, B_local)) for a in range(0, B_local, M)]  # this rank's micro-batches
     service = RewardService(dict(zip(names, composite.rewards, strict=True)), workers=tr.reward_workers)
     start_iteration = iteration
     t_start = time.perf_counter()
@@ -297,28 +324,32 @@ def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
             t0 = time.perf_counter()
             window = window_at(iteration, s)
             faults_before = sum(service.faults.values())
-            # 1. prompts and conditions ------------------------------------------------------------
+            # 1. prompts and conditions (every rank draws the global batch, keeps its groups) -------
             records = prompts_src.draw(rng, P)
-            sources = [record_source(r, img_size) for r in records]
+            local = records[mine]
+            sources = [record_source(r, img_size) for r in local]
             with torch.no_grad():
-                cond_p = policy.encode([r.prompt for r in records], sources).detach()
+                cond_p = policy.encode([r.prompt for r in local], sources).detach()
             cond = cond_p.repeat_interleave(G)  # rows 0,0,..,1,1,..
-            rows = [r for r in records for _ in range(G)]
+            rows = [r for r in records for _ in range(G)]  # global, for the metrics
+            local_rows = rows[lo:hi]
             reward_records = [
                 RewardRecord(task=r.task, category=r.category, source=src)
-                for r, src in zip(records, sources, strict=True)
+                for r, src in zip(local, sources, strict=True)
                 for _ in range(G)
             ]
             if s.shared_noise:  # the group differs only by its SDE noises, which the objective credits
                 noise = torch.randn((P, *policy.latent_shape), generator=gen).repeat_interleave(G, 0)
             else:
                 noise = torch.randn((B, *policy.latent_shape), generator=gen)  # [B, C, H, W]
+            noise = noise[lo:hi]  # [B_local, C, H, W]
+            step_noise = _step_noises(gen, global_chunks, window, policy.latent_shape, lo, hi)
             # 2. rollouts, scoring overlapped ----------------------------------------------------
             rollouts, futures = [], []
             t_roll = time.perf_counter()
             for a, b in chunks:
                 ro = sample_sde(
-                    policy,
+                    view,
                     cond.index(slice(a, b)),
                     s.num_steps,
                     guidance=s.guidance,
@@ -328,37 +359,43 @@ def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
                     sde_window=window,
                     generator=gen,
                     noise=noise[a:b],
+                    step_noise={n: eps[a:b] for n, eps in step_noise.items()},
                 )
                 rollouts.append(ro)
                 with torch.no_grad():
                     images = policy.decode(ro.latents)
-                futures.append(service.submit(images, [r.prompt for r in rows[a:b]], reward_records[a:b]))
+                futures.append(service.submit(images, [r.prompt for r in local_rows[a:b]], reward_records[a:b]))
             rollout_s = time.perf_counter() - t_roll
             t_wait = time.perf_counter()
-            rewards = torch.cat([f.result() for f in futures]).reshape(P, G, len(names))  # [P, G, K]
+            rewards = torch.cat([f.result() for f in futures]).reshape(-1, G, len(names))  # [P_local, G, K]
             wait_s = time.perf_counter() - t_wait
-            # 3. advantages ------------------------------------------------------------------------
-            weights = composite.weights([r.category for r in records])  # [P, K]
-            adv = advantages(rewards, weights, tr).reshape(B)  # [B]
+            # 3. advantages (per group, so per rank) -------------------------------------------------
+            weights = composite.weights([r.category for r in local])  # [P_local, K]
+            adv = advantages(rewards, weights, tr).reshape(B_local)  # [B_local]
             # 4. policy update -------------------------------------------------------------------
             t_train = time.perf_counter()
             for group in opt.param_groups:
                 group["lr"] = lr_at(iteration, tr)
             ratios: list[Tensor] = []
             kls: list[float] = []
+            passes = [(k, n) for k in range(len(chunks)) for n in window]
             for _epoch in range(tr.updates_per_iter):
                 opt.zero_grad(set_to_none=True)
                 loss_total = 0.0
                 finite = True
-                for (a, b), ro in zip(chunks, rollouts, strict=True):
-                    c_mb, a_mb = cond.index(slice(a, b)), adv[a:b]
-                    share = (b - a) / (B * len(window))  # mean over all rows and window steps
-                    for n in window:
-                        logp = trajectory_logprob(policy, ro, n, c_mb)  # [b - a]
+                for k, n in passes:
+                    (a, b), ro = chunks[k], rollouts[k]
+                    c_mb = cond.index(slice(a, b))
+                    # Each rank's loss is the mean over its rows; DDP/FSDP average the gradients, which
+                    # is the global mean because every rank has B_local rows.
+                    share = (b - a) / (B_local * len(window))
+                    with sync_gradients(view, last=(k, n) == passes[-1]):
+                        logp = trajectory_logprob(view, ro, n, c_mb)  # [b - a]
+                        a_mb = adv[a:b].to(logp.device)  # [b - a]
                         ratio = torch.exp(logp - ro.logps_old[n])
                         clipped = ratio.clamp(1 - tr.clip_range, 1 + tr.clip_range)
                         loss = -torch.minimum(ratio * a_mb, clipped * a_mb).mean()
-                        if reference is not None:
+                        if reference is not None:  # the raw policy: one DDP forward per backward
                             kl = _kl_to_reference(policy, reference, ro, n, c_mb, tr.kl_space)
                             loss = loss + tr.kl_coef * kl
                             kls.append(float(kl.detach()))
@@ -367,7 +404,7 @@ def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
                             finite = False
                         loss_total += float(loss.detach())
                         loss.backward()
-                        ratios.append(ratio.detach())
+                    ratios.append(ratio.detach().float().cpu())
                 grad_norm, skipped = state.step(finite, iteration, tr)  # skipped: weights untouched
                 skipped_total += skipped
             train_s = time.perf_counter() - t_train
@@ -376,9 +413,11 @@ def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
             if iteration % recipe.run.checkpoint_every == 0 or iteration == tr.iterations:
                 checkpoint()
             ckpt_s = time.perf_counter() - t_ckpt
-            # 5. metrics --------------------------------------------------------------------------
-            r_all = _stats(ratios)
-            flat = rewards.reshape(B, len(names))
+            # 5. metrics (gathered over ranks: the global batch) ----------------------------------------
+            r_all = world.gather_rows(_stats(ratios))
+            flat = world.gather_rows(rewards.reshape(B_local, len(names)))  # [B, K]
+            adv = world.gather_rows(adv)  # [B]
+            loss_total = world.mean(loss_total)
             combined = composite.combined(flat, [r.category for r in rows])
             row: dict[str, Any] = {"step": iteration, "total": tr.iterations}
             for k, name in enumerate(names):
@@ -395,7 +434,7 @@ def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
                     "ratio_mean": float(r_all.mean()),
                     "ratio_max": float(r_all.max()),
                     "clip_frac": float(((r_all - 1).abs() > tr.clip_range).float().mean()),
-                    "kl": float(np.mean(kls)) if kls else 0.0,
+                    "kl": world.mean(float(np.mean(kls))) if kls else 0.0,
                     "grad_norm": grad_norm,
                     "skipped": skipped_total,
                     "reward_faults": sum(service.faults.values()) - faults_before,
@@ -425,7 +464,7 @@ def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
 
     final = out / "model"
     with ema_weights(named, ema):
-        save_policy(policy, final, lora=tr.lora_rank > 0)
+        export_policy(policy, final, tr.lora_rank > 0, world, lambda: load_policy(recipe.model, device="cpu"), tr)
     yield {
         "done": True,
         "steps": iteration,
