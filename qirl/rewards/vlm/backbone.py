@@ -10,10 +10,15 @@ temporal patch 2. A 32x32 image is an 8x8 grid of 4x4 patches in the vision towe
 decoder (8x8 / 2^2); the image processor's min = max pixels = 32^2 pins that size, and
 `check_token_counts` verifies the processor and the model agree. About 0.25M parameters.
 
-A real checkpoint loads from a local folder (`AutoModelForImageTextToText`, `AutoProcessor`; never the
-hub). At load, each score digit "1".."5" must be one token of the checkpoint's tokenizer, and the same
-token that follows the answer marker, else the score position would read the wrong logits: a
-`UserError` in one line.
+A real checkpoint (Qwen2.5-VL or Qwen3-VL, dense or MoE) loads from a local folder
+(`AutoModelForImageTextToText`, `AutoProcessor`, or without torchvision the image-only processor of
+tokenizer.py; never the hub). At load, each score digit "1".."5" must be one token of the checkpoint's
+tokenizer, and the same token that follows the answer marker, else the score position would read the
+wrong logits: a `UserError` in one line, raised before the weights are read. The two families differ
+only below this interface: patch 14 vs 16 (both merge 2x2 patches into one decoder token), Qwen3-VL's
+DeepStack and interleaved M-RoPE; the 3-D position ids come from the model's own `get_rope_index`,
+which reads `mm_token_type_ids` and the attention mask, so padding does not shift them. tiny.py
+builds toy checkpoints of both families in this format.
 
 `encode` builds a batch of `chat prompt (processor, images expanded) + completion text` per row and
 pads it (left by default); the score is read at each row's last real token, found from the attention
@@ -213,14 +218,20 @@ def score_token_ids(tokenizer: Any, where: str) -> list[int]:
 
 
 def check_token_counts(model: Any, processor: Any, size: int) -> int:
-    """Visual tokens per `size`x`size` image, checked to agree between processor and model config."""
+    """Decoder tokens per `size`x`size` image, after checking that processor and vision tower agree on
+    the patch geometry (patch 14 for Qwen2.5-VL, 16 for Qwen3-VL; spatial merge 2 and temporal patch 2
+    in both): a mismatch would otherwise surface as a shape error deep inside the vision tower."""
     ip = processor.image_processor
     vc = model.config.vision_config
-    if ip.patch_size != vc.patch_size or ip.merge_size != getattr(vc, "spatial_merge_size", ip.merge_size):
+    ours = (ip.patch_size, ip.merge_size, ip.temporal_patch_size)
+    theirs = (vc.patch_size, vc.spatial_merge_size, vc.temporal_patch_size)
+    if ours != theirs:
         raise UserError(
-            f"image processor (patch {ip.patch_size}, merge {ip.merge_size}) disagrees with the model "
-            f"(patch {vc.patch_size}, merge {getattr(vc, 'spatial_merge_size', '?')})"
+            "image processor (patch {}, merge {}, temporal patch {}) disagrees with the model's vision "
+            "tower (patch {}, merge {}, temporal patch {})".format(*ours, *theirs)
         )
+    # The processor turns an image into grid_h x grid_w patches; the merger fuses merge^2 of them into
+    # one decoder token (processing_qwen2_5_vl.py / processing_qwen3_vl.py `replace_image_token`).
     return int(ip.get_number_of_image_patches(size, size, {}) // ip.merge_size**2)
 
 

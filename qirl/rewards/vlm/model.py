@@ -49,7 +49,7 @@ from qirl.rewards.vlm import backbone as bb
 from qirl.rewards.vlm.data import quiet_progress
 from qirl.rewards.vlm.losses import expectation, normalised_reward
 from qirl.rewards.vlm.prompting import DIMENSIONS, MARKER_RE, answer_prefix, chat_text, split_at_marker
-from qirl.rewards.vlm.tokenizer import ImageOnlyQwenVLProcessor
+from qirl.rewards.vlm.tokenizer import IMAGE_ONLY_PROCESSORS
 
 logger = logging.getLogger(__name__)
 
@@ -353,9 +353,14 @@ class VLMReward(RewardModel):
         try:
             with quiet_progress():
                 self.model.save_pretrained(str(tmp), safe_serialization=True)
-                if isinstance(self.processor, ImageOnlyQwenVLProcessor):
+                if isinstance(self.processor, IMAGE_ONLY_PROCESSORS):
+                    # Parts only: a processor_config.json naming the image-only class would stop
+                    # AutoProcessor (with torchvision) from building the stock processor.
                     self.tokenizer.save_pretrained(str(tmp))
                     self.processor.image_processor.save_pretrained(str(tmp))
+                    template = self.processor.chat_template
+                    if isinstance(template, str):  # e.g. from a checkpoint's chat_template.json
+                        (tmp / "chat_template.jinja").write_text(template)
                 else:
                     self.processor.save_pretrained(str(tmp))
             if self.head is not None:

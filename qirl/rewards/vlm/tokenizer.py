@@ -8,10 +8,12 @@ and the special tokens Qwen2.5-VL's processor and chat format use (`<|im_start|>
 Text is NFKC-normalised and lowercased, split on whitespace, punctuation and single digits. The file
 ships in `qirl/assets/vlm/` and is rebuilt by `python -m qirl.rewards.vlm`.
 
-The processor is transformers' `Qwen2_5_VLProcessor` with the video branch removed
-(`ImageOnlyQwenVLProcessor`): the stock class insists on a video processor, which needs torchvision,
+The processor is transformers' `Qwen2_5_VLProcessor` (or, for a Qwen3-VL checkpoint,
+`Qwen3VLProcessor`) with the video branch removed (`ImageOnlyQwenVLProcessor`,
+`ImageOnlyQwen3VLProcessor`): the stock classes insist on a video processor, which needs torchvision,
 and a reward model never sees video. Image handling (patchify, `<|image_pad|>` expansion,
-`mm_token_type_ids` for the 3-D RoPE) is the stock code.
+`mm_token_type_ids` for the 3-D RoPE) is the stock code. Where torchvision is installed,
+`load_processor` returns the stock processor (fast image processor, video processor included).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import WordLevel
-from transformers import PreTrainedTokenizerFast, Qwen2_5_VLProcessor
+from transformers import PreTrainedTokenizerFast, Qwen2_5_VLProcessor, Qwen3VLProcessor
 from transformers.processing_utils import ProcessorMixin
 
 from qirl.errors import UserError
@@ -161,11 +163,37 @@ def load_embedded_tokenizer(path: str | Path = ASSET_DIR) -> PreTrainedTokenizer
     return wrap(backend)
 
 
-class ImageOnlyQwenVLProcessor(Qwen2_5_VLProcessor):
-    """`Qwen2_5_VLProcessor` without the video processor (which needs torchvision).
+def _image_only_init(processor: Any, image_processor: Any, tokenizer: Any, chat_template: str | None) -> None:
+    """What the stock Qwen-VL `__init__`s do, minus the video processor.
 
     `ProcessorMixin` derives the processor's parts from the `__init__` signature, so dropping the
     `video_processor` argument is all it takes; `__call__` then skips the video branch.
+    """
+    processor.image_token = getattr(tokenizer, "image_token", None) or IMAGE_PAD
+    processor.video_token = getattr(tokenizer, "video_token", None) or VIDEO_PAD
+    processor.image_token_id = tokenizer.convert_tokens_to_ids(processor.image_token)
+    processor.video_token_id = tokenizer.convert_tokens_to_ids(processor.video_token)
+    ProcessorMixin.__init__(processor, image_processor, tokenizer, chat_template=chat_template)
+
+
+class ImageOnlyQwenVLProcessor(Qwen2_5_VLProcessor):
+    """`Qwen2_5_VLProcessor` without the video processor (which needs torchvision)."""
+
+    def __init__(
+        self,
+        image_processor: Any = None,
+        tokenizer: Any = None,
+        chat_template: str | None = None,
+        **kwargs: Any,
+    ):
+        _image_only_init(self, image_processor, tokenizer, chat_template)
+
+
+class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
+    """`Qwen3VLProcessor` without the video processor (which needs torchvision).
+
+    For images it differs from the Qwen2.5-VL one only in not returning `token_type_ids`; the
+    vision start/end tokens it also keeps are used by its video timestamps alone.
     """
 
     def __init__(
@@ -175,11 +203,10 @@ class ImageOnlyQwenVLProcessor(Qwen2_5_VLProcessor):
         chat_template: str | None = None,
         **kwargs: Any,
     ):
-        self.image_token = getattr(tokenizer, "image_token", None) or IMAGE_PAD
-        self.video_token = getattr(tokenizer, "video_token", None) or VIDEO_PAD
-        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
-        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+        _image_only_init(self, image_processor, tokenizer, chat_template)
+
+
+IMAGE_ONLY_PROCESSORS: tuple[type, ...] = (ImageOnlyQwenVLProcessor, ImageOnlyQwen3VLProcessor)
 
 
 def qwen_image_processor(patch_size: int, merge_size: int, image_size: int) -> Any:
@@ -203,16 +230,34 @@ def qwen_image_processor(patch_size: int, merge_size: int, image_size: int) -> A
     )
 
 
+def checkpoint_model_type(path: Path) -> str:
+    """`model_type` of a checkpoint's config.json ("" when absent or unreadable: loading reports that)."""
+    try:
+        return str(json.loads((path / "config.json").read_text()).get("model_type", ""))
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return ""
+
+
+def image_only_processor_class(model_type: str) -> type:
+    """The image-only processor for a checkpoint family: Qwen3-VL (dense or MoE) or Qwen2/2.5-VL."""
+    return ImageOnlyQwen3VLProcessor if model_type.startswith("qwen3_vl") else ImageOnlyQwenVLProcessor
+
+
 def load_processor(path: str | Path) -> Any:
     """`AutoProcessor.from_pretrained(path)`; where that fails for want of a video processor
-    (no torchvision) and the folder holds a Qwen2-VL image processor, the image-only processor."""
-    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+    (no torchvision) and the folder holds a Qwen2-VL image processor (Qwen2.5-VL and Qwen3-VL both
+    use it, with patch 14 and 16), the image-only processor of the checkpoint's family, loaded with
+    the folder's tokenizer, image processor (transformers picks its PIL backend) and chat template."""
+    from transformers import AutoProcessor
 
     path = Path(path)
     try:
-        return AutoProcessor.from_pretrained(str(path), local_files_only=True)
+        processor = AutoProcessor.from_pretrained(str(path), local_files_only=True)
     except Exception as err:  # noqa: BLE001 - any failure falls through to the explicit build below
         first_error = err
+    else:
+        processor.tokenizer.padding_side = "left"
+        return processor
     pre = path / "preprocessor_config.json"
     kind = ""
     if pre.is_file():
@@ -222,12 +267,12 @@ def load_processor(path: str | Path) -> Any:
             raise UserError(f"{pre}: corrupt image processor config ({err.msg})") from None
     if not kind.startswith("Qwen2VLImageProcessor"):
         raise UserError(f"{path}: cannot load a processor ({type(first_error).__name__}: {first_error})")
+    cls = image_only_processor_class(checkpoint_model_type(path))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        image_processor = AutoImageProcessor.from_pretrained(str(path), local_files_only=True)
+        processor = cls.from_pretrained(str(path), local_files_only=True)
     except Exception as err:  # noqa: BLE001
         raise UserError(
             f"{path}: cannot load the tokenizer or image processor ({type(err).__name__}: {err})"
         ) from None
-    tokenizer.padding_side = "left"
-    return ImageOnlyQwenVLProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    processor.tokenizer.padding_side = "left"
+    return processor
