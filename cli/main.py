@@ -379,10 +379,18 @@ def distill(
     resume: Resume = False,
     quiet: Quiet = False,
     json_out: AsJson = False,
+    nproc: Nproc = 1,
 ) -> None:
     """On-policy distillation: one student matches each task's RL teacher's velocity on its own trajectories."""
     from qirl.rl.distill import DistillRecipe, select_teachers
     from qirl.rl.distill import distill as run
+
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:  # check the recipe here, not in N tracebacks
+        from qirl.config import load_recipe
+        from qirl.rl.distill import validate
+
+        validate(select_teachers(load_recipe(DistillRecipe, recipe, overrides), teachers), world_size=nproc)
+        _launch(nproc)
 
     def run_selected(cfg: DistillRecipe, resume: bool = False):
         return run(select_teachers(cfg, teachers), resume=resume)

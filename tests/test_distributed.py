@@ -133,3 +133,28 @@ def test_single_process_world_is_the_identity() -> None:
     assert world.mean(1.5) == 1.5 and world.all_true(True) and not world.all_true(False)
     assert world.rows(8, "p") == slice(0, 8)
     assert shard_like(x, torch.zeros(3, 2)) is not None
+
+
+def test_distillation_on_two_processes_matches_one(single: Path, tmp_path: Path) -> None:
+    """`qirl distill` splits its trajectories the same way (the GRPO run above is the T2I teacher)."""
+    teacher = f"t2i={single}"
+    args = [
+        "distill", "recipes/distill.yaml", "--teachers", teacher, "data.prompts=shapes-t2i",
+        "train.iterations=2", "train.prompts_per_iter=4", "train.micro_batch=2", "train.steps_per_traj=2",
+        "rollout.num_steps=3", "eval.every=0", "train.warmup_steps=0", "train.lr=1e-3", "run.tensorboard=false",
+    ]
+    for name, nproc in (("one", 1), ("two", 2)):
+        threads = str(max(1, 2 // nproc))
+        cmd = [sys.executable, "-m", "qirl.cli", "--threads", threads, *args, f"run.out_dir={tmp_path / name}"]
+        env = {**os.environ, "OMP_NUM_THREADS": threads}
+        ok(subprocess.run([*cmd, "-q", "--json", "--nproc", str(nproc)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300))
+    rows = [
+        [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+        for name in ("one", "two")
+    ]
+    assert [r["loss"] for r in rows[0]] == pytest.approx([r["loss"] for r in rows[1]], rel=1e-4)
+    assert rows[0][0]["loss"] > 0
+    w1, w2 = weights(tmp_path / "one"), weights(tmp_path / "two")
+    base = load_file(str(base_model_path() / "model.safetensors"))
+    moved = max(float((w1[k] - base[k]).abs().max()) for k in w1)
+    assert moved > 1e-4 and max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 0.05 * moved

@@ -239,3 +239,16 @@ def export_policy(policy: Any, directory: Path, lora: bool, world: World, rebuil
     elif world.is_main:
         save_policy(policy, directory, lora=lora)
     world.barrier()
+
+
+def step_noises(
+    gen: torch.Generator, global_chunks: list[tuple[int, int]], window: list[int], shape: Any, lo: int, hi: int
+) -> dict[int, Tensor]:
+    """The SDE noises {n: [hi - lo, C, H, W]} of global rows lo..hi, drawn for the WHOLE global batch in
+    the order a one-process run draws them (micro-batch by micro-batch, window step by window step), so
+    a run's rollouts do not depend on its number of processes."""
+    drawn: dict[int, list[Tensor]] = {n: [] for n in window}
+    for a, b in global_chunks:
+        for n in window:
+            drawn[n].append(torch.randn((b - a, *shape), generator=gen, dtype=torch.float32))
+    return {n: torch.cat(parts)[lo:hi] for n, parts in drawn.items()}

@@ -67,14 +67,14 @@ from torch import Tensor
 
 from qirl import ops
 from qirl.data import PromptRecord
+from qirl.distributed import DistributedConfig, init_world, sync_gradients
 from qirl.errors import UserError
 from qirl.models.policy import Condition, FlowPolicy
 from qirl.models.registry import PolicyOptions, load_policy
-from qirl.rl.common import TrainState, ema_weights, lr_at
+from qirl.rl.common import TrainState, ema_weights, export_policy, image_size, lr_at, step_noises
 from qirl.rl.heldout import HeldoutConfig, heldout_eval, heldout_sets
-from qirl.rl.lora import save_policy
 from qirl.rl.prompts import PromptSource
-from qirl.runlog import MetricsLog, checkpoint_to_resume, start_metrics
+from qirl.runlog import checkpoint_to_resume, open_metrics
 from qirl.samples import record_source
 from qirl.sampling import guided_velocity, sample_ode, sample_sde, timesteps
 
@@ -151,6 +151,7 @@ class DistillRecipe:
     train: DistillTrain = field(default_factory=DistillTrain)
     eval: HeldoutConfig = field(default_factory=_default_eval)
     run: DistillRun = field(default_factory=DistillRun)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)  # torchrun runs only
 
 
 # ------------------------------------------------------------------------------------------- recipe
@@ -180,9 +181,14 @@ def select_teachers(recipe: DistillRecipe, spec: str | None) -> DistillRecipe:
     return dataclasses.replace(recipe, teachers=chosen)
 
 
-def validate(recipe: DistillRecipe) -> None:
-    """UserError naming the key for every setting a run cannot use."""
+def validate(recipe: DistillRecipe, world_size: int = 1) -> None:
+    """UserError naming the key for every setting a run cannot use (on ``world_size`` processes)."""
     r, t, tt = recipe.rollout, recipe.train, recipe.teacher
+    recipe.distributed.validate()
+    if t.prompts_per_iter % world_size:
+        raise UserError(
+            f"train.prompts_per_iter={t.prompts_per_iter} must be divisible by the number of processes ({world_size})"
+        )
     if not recipe.teachers:
         raise UserError(
             "teachers: no teacher given (e.g. teachers: {t2i: runs/grpo_t2i, edit: runs/grpo_edit})"
@@ -338,9 +344,15 @@ def teacher_velocity(
 
 @torch.no_grad()
 def rollout_states(
-    policy: FlowPolicy, cond: Condition, r: DistillRollout, generator: torch.Generator, noise: Tensor
+    policy: FlowPolicy,
+    cond: Condition,
+    r: DistillRollout,
+    generator: torch.Generator,
+    noise: Tensor,
+    step_noise: dict[int, Tensor] | None = None,
 ) -> Tensor:
-    """The student's trajectory, without grad: all states [N + 1, b, C, H, W] (index 0 is the noise)."""
+    """The student's trajectory, without grad: all states [N + 1, b, C, H, W] (index 0 is the noise).
+    ``step_noise`` {n: [b, C, H, W]}: the SDE noises (else drawn from ``generator``)."""
     if r.sampler == "ode":
         _, states = sample_ode(
             policy, cond, r.num_steps, guidance=r.guidance, shift=r.shift, noise=noise, return_trajectory=True
@@ -357,6 +369,7 @@ def rollout_states(
         generator=generator,
         noise=noise,
         keep_all_states=True,
+        step_noise=step_noise or None,
     )
     return ro.states
 
@@ -377,8 +390,11 @@ def distill(recipe: DistillRecipe, resume: bool = False) -> Iterator[dict[str, A
     """Run on-policy distillation; yield a metrics dict every `log_every` iterations (and eval rows),
     then a `done` summary."""
     validate(recipe)
+    world = init_world(recipe.distributed)
+    mine = world.rows(recipe.train.prompts_per_iter, "train.prompts_per_iter")  # this rank's rows
     out = Path(recipe.run.out_dir)
     existing = checkpoint_to_resume(out, resume)
+    world.barrier()  # every rank has looked at out_dir before rank 0 writes into it
     r, tr = recipe.rollout, recipe.train
     prompts_src = PromptSource(recipe.data.prompts, recipe.data.edit_fraction)
     teachers = load_teachers(recipe, prompts_src.tasks)
@@ -387,26 +403,29 @@ def distill(recipe: DistillRecipe, resume: bool = False) -> Iterator[dict[str, A
     torch.manual_seed(recipe.run.seed)
     student = load_policy(recipe.student, options=recipe.policy)
     student.eval()  # no dropout: the student and teacher velocities are compared as deployed
-    state = TrainState.create(student, tr, recipe.run.seed)
+    state = TrainState.create(student, tr, recipe.run.seed, world, recipe.distributed)
     if existing is not None:
         state.restore(existing, student)
-    named, ema, opt, rng, gen = state.named, state.ema, state.opt, state.rng, state.gen
+    named, ema, opt, rng, gen, view = state.named, state.ema, state.opt, state.rng, state.gen, state.view
     iteration = state.iteration
-    log = MetricsLog(
-        start_metrics(out, recipe, iteration if existing is not None else None), recipe.run.tensorboard
-    )
+    resumed_at = iteration if existing is not None else None
+    log = open_metrics(out, recipe, resumed_at, recipe.run.tensorboard, world.is_main)
 
     def checkpoint() -> Path:
         return state.save(out, iteration, recipe, recipe.run.keep_checkpoints)
 
     def evaluate(step: int) -> dict[str, float]:
-        with ema_weights(named, ema):
-            return heldout_eval(student, recipe.eval, eval_sets, out / "grids" / f"step_{step:05d}")
+        grid = out / "grids" / f"step_{step:05d}" if world.is_main else None
+        with ema_weights(named, ema):  # every rank evaluates: FSDP's forward is a collective
+            return heldout_eval(student, recipe.eval, eval_sets, grid)
 
     B, M, N, K = tr.prompts_per_iter, tr.micro_batch, r.num_steps, steps_per_traj(recipe)
+    lo, hi = mine.start, mine.stop
+    B_local = hi - lo
     nfe_iter = nfe_per_iteration(recipe)
-    img_size = int(student.decode(torch.zeros(1, *student.latent_shape)).shape[-1])  # edit sources
-    chunks = [(a, min(a + M, B)) for a in range(0, B, M)]
+    img_size = image_size(student)  # edit sources are rendered at the decoder's size
+    global_chunks = [(a, min(a + M, B)) for a in range(0, B, M)]
+    chunks = [(a, min(a + M, B_local)) for a in range(0, B_local, M)]  # this rank's micro-batches
     grid_t = timesteps(N, r.shift)  # [N + 1]
     start_iteration = iteration
     t_start = time.perf_counter()
@@ -418,43 +437,53 @@ def distill(recipe: DistillRecipe, resume: bool = False) -> Iterator[dict[str, A
             yield row
         while iteration < tr.iterations:
             t0 = time.perf_counter()
-            # 1. prompts and the student's conditions ------------------------------------------
-            records = prompts_src.draw(rng, B)
+            # 1. prompts and the student's conditions (every rank draws the global batch) -----------
+            all_records = prompts_src.draw(rng, B)
+            records = all_records[lo:hi]
             sources = [record_source(rec, img_size) for rec in records]
             with torch.no_grad():
                 cond = student.encode([rec.prompt for rec in records], sources).detach()
-            noise = torch.randn((B, *student.latent_shape), generator=gen)  # [B, C, H, W]
+            noise = torch.randn((B, *student.latent_shape), generator=gen)[lo:hi]  # [B_local, C, H, W]
+            sde = r.sampler == "sde"  # the SDE noises of every step, drawn as one process draws them
+            eps = step_noises(gen, global_chunks, list(range(N)), student.latent_shape, lo, hi) if sde else {}
             # 2. student rollouts, no grad --------------------------------------------------------
             t_roll = time.perf_counter()
-            states = [rollout_states(student, cond.index(slice(a, b)), r, gen, noise[a:b]) for a, b in chunks]
+            states = [
+                rollout_states(view, cond.index(slice(a, b)), r, gen, noise[a:b], {n: e[a:b] for n, e in eps.items()})
+                for a, b in chunks
+            ]
             rollout_s = time.perf_counter() - t_roll
-            steps = trained_steps(B, N, K, gen)  # [B, K]
+            steps = trained_steps(B, N, K, gen)[lo:hi]  # [B_local, K]
             # 3. velocity matching on the trained steps ----------------------------------------
             t_train = time.perf_counter()
             for group in opt.param_groups:
                 group["lr"] = lr_at(iteration, tr)
             opt.zero_grad(set_to_none=True)
-            per_row = torch.zeros(B)  # [B] mean over the row's trained steps of mse_b(n)
+            per_row = torch.zeros(B_local)  # [B_local] mean over the row's trained steps of mse_b(n)
             finite = True
             teacher_s = 0.0
-            for (a, b), st in zip(chunks, states, strict=True):
-                routed = routes(student, teachers, records[a:b], sources[a:b], recipe.teacher)
+            routed_all = [routes(student, teachers, records[a:b], sources[a:b], recipe.teacher) for a, b in chunks]
+            last = (len(chunks) - 1, K - 1, len(routed_all[-1]) - 1)  # DDP all-reduces after this backward
+            for c, ((a, b), st) in enumerate(zip(chunks, states, strict=True)):
+                routed = routed_all[c]
                 for j in range(K):
                     n_j = steps[a:b, j]  # [b]
                     x_mb = st[n_j, torch.arange(b - a)]  # [b, C, H, W], state n_j of each trajectory
                     t_mb = grid_t[n_j]  # [b]
-                    for route in routed:
+                    for q, route in enumerate(routed):
                         x, t = x_mb[route.rows], t_mb[route.rows]  # [b_task, C, H, W], [b_task]
                         t_teach, teacher = time.perf_counter(), teachers[route.task]
                         v_t = teacher_velocity(teacher, route, x, t, recipe.teacher)  # [b_task, C, H, W]
                         teacher_s += time.perf_counter() - t_teach
-                        v_s = student.velocity(x, t, route.cond)  # [b_task, C, H, W], with grad
-                        mse = ops.velocity_mse(v_s, v_t)  # loss: mean over rows, per_sample [b_task]
-                        loss = mse.loss * (len(route.rows) / (B * K))  # mean over all rows and steps
-                        if not torch.isfinite(loss):
-                            finite = False
-                        loss.backward()
-                        per_row[a + route.rows] += mse.per_sample.detach().float() / K
+                        with sync_gradients(view, last=(c, j, q) == last):
+                            v_s = view.velocity(x, t, route.cond)  # [b_task, C, H, W], with grad
+                            mse = ops.velocity_mse(v_s, v_t)  # loss: mean over rows, per_sample [b_task]
+                            # this rank's mean over rows and steps; the gradient average makes it global
+                            loss = mse.loss * (len(route.rows) / (B_local * K))
+                            if not torch.isfinite(loss):
+                                finite = False
+                            loss.backward()
+                        per_row[a + route.rows] += mse.per_sample.detach().float().cpu() / K
             grad_norm, skipped = state.step(finite, iteration, tr)  # skipped: weights untouched
             skipped_total += skipped
             train_s = time.perf_counter() - t_train
@@ -464,8 +493,9 @@ def distill(recipe: DistillRecipe, resume: bool = False) -> Iterator[dict[str, A
                 checkpoint()
             ckpt_s = time.perf_counter() - t_ckpt
             # 4. metrics ---------------------------------------------------------------------------
+            per_row = world.gather_rows(per_row)  # [B]
             row: dict[str, Any] = {"step": iteration, "total": tr.iterations, "loss": float(per_row.mean())}
-            tasks = [rec.task for rec in records]
+            tasks = [rec.task for rec in all_records]
             for task in teachers:
                 mask = torch.tensor([tk == task for tk in tasks])
                 row[f"loss/{task}"] = float(per_row[mask].mean()) if mask.any() else float("nan")
@@ -496,7 +526,8 @@ def distill(recipe: DistillRecipe, resume: bool = False) -> Iterator[dict[str, A
 
     final = out / "model"
     with ema_weights(named, ema):
-        save_policy(student, final, lora=tr.lora_rank > 0)
+        rebuild = lambda: load_policy(recipe.student, device="cpu")  # noqa: E731 - FSDP export only
+        export_policy(student, final, tr.lora_rank > 0, world, rebuild, tr)
     yield {
         "done": True,
         "steps": iteration,

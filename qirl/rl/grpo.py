@@ -57,7 +57,7 @@ from qirl.models.registry import PolicyOptions, load_policy
 from qirl.rewards.base import RewardRecord
 from qirl.rewards.composite import CompositeConfig, CompositeReward, RewardSpec
 from qirl.rewards.service import RewardService
-from qirl.rl.common import TrainState, ema_weights, export_policy, image_size, lr_at
+from qirl.rl.common import TrainState, ema_weights, export_policy, image_size, lr_at, step_noises
 from qirl.rl.heldout import HeldoutConfig, heldout_eval, heldout_sets
 from qirl.rl.prompts import PromptSource
 from qirl.runlog import checkpoint_to_resume, open_metrics
@@ -245,19 +245,6 @@ def advantages(rewards: Tensor, weights: Tensor, train: GrpoTrain) -> Tensor:
     return torch.nan_to_num(adv, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def _step_noises(
-    gen: torch.Generator, global_chunks: list[tuple[int, int]], window: list[int], shape: Any, lo: int, hi: int
-) -> dict[int, Tensor]:
-    """The SDE noises {n: [hi - lo, C, H, W]} of global rows lo..hi, drawn for the WHOLE global batch in
-    the order a one-process run draws them (micro-batch by micro-batch, window step by window step), so
-    a run's rollouts do not depend on its number of processes."""
-    drawn: dict[int, list[Tensor]] = {n: [] for n in window}
-    for a, b in global_chunks:
-        for n in window:
-            drawn[n].append(torch.randn((b - a, *shape), generator=gen, dtype=torch.float32))
-    return {n: torch.cat(parts)[lo:hi] for n, parts in drawn.items()}
-
-
 def _stats(values: list[Tensor]) -> Tensor:
     return torch.cat([v.reshape(-1) for v in values]) if values else torch.zeros(0)
 
@@ -343,7 +330,7 @@ def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
             else:
                 noise = torch.randn((B, *policy.latent_shape), generator=gen)  # [B, C, H, W]
             noise = noise[lo:hi]  # [B_local, C, H, W]
-            step_noise = _step_noises(gen, global_chunks, window, policy.latent_shape, lo, hi)
+            step_noise = step_noises(gen, global_chunks, window, policy.latent_shape, lo, hi)
             # 2. rollouts, scoring overlapped ----------------------------------------------------
             rollouts, futures = [], []
             t_roll = time.perf_counter()
