@@ -398,6 +398,19 @@ def distill(
     _run_recipe(DistillRecipe, run_selected, recipe, overrides, resume, "distill", quiet, json_out)
 
 
+@app.command()
+@user_errors
+def consolidate(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint folder (run/checkpoints/step_N) written sharded.")],
+    out: Annotated[Path, typer.Argument(help="The safetensors file to write.")],
+    group: Annotated[str, typer.Option(help="model (the trained weights), ema or optimizer.")] = "model",
+) -> None:
+    """Gather a sharded (run.checkpoint_format=sharded) checkpoint into one safetensors file."""
+    from qirl.checkpoint import consolidate as run
+
+    err_console.print(f"wrote {run(checkpoint, out, group)}")
+
+
 eval_app = typer.Typer(
     help="Evaluate models: benchmark pillars, Elo / Bradley-Terry arenas, offline reports.", no_args_is_help=True
 )

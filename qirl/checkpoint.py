@@ -98,17 +98,20 @@ def save_checkpoint(
     state: dict[str, Any],
     nested: dict[str, Any] | None = None,
     keep: int = 2,
+    into: Path | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically under `run_dir/checkpoints`, prune to the newest `keep`.
 
     `tensors` maps a group name to a flat `{name: tensor}` dict (a model's state_dict); `nested` maps a
-    group name to any nested state (optimizer state_dict) that is flattened here.
+    group name to any nested state (optimizer state_dict) that is flattened here. ``into``: a temporary
+    folder (from `sharded_tmp_dir`) that already holds other files of this checkpoint (the shards every
+    rank wrote); it is published with the rest.
     """
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:08d}"
     final = root / name
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.", suffix=".tmp"))
+    tmp = into if into is not None else Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.", suffix=".tmp"))
     try:
         groups = dict(tensors)
         skeletons = {}
@@ -179,3 +182,45 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         except (SafetensorError, OSError, ValueError) as err:
             raise UserError(f"{file}: corrupt checkpoint file ({err})") from None
     return Checkpoint(path=path, tensors=tensors, state=state)
+
+
+def sharded_tmp_dir(run_dir: str | Path, step: int) -> Path:
+    """The temporary folder every rank writes its shards of checkpoint `step` into (a fixed name: the
+    ranks must agree on it without talking); `save_checkpoint(into=...)` publishes it."""
+    return Path(run_dir) / "checkpoints" / f".step_{step:08d}.sharded.tmp"
+
+
+def consolidate(checkpoint: str | Path, out_file: str | Path, group: str = "model") -> Path:
+    """Gather a sharded checkpoint's ``group`` tensors into one safetensors file, in one process.
+
+    The shards are a `torch.distributed.checkpoint` folder (``<checkpoint>/dcp``) whose metadata gives
+    every tensor's global shape; full tensors are allocated from it and filled by `dcp.load`, whatever
+    the number of processes that wrote them. The file is written atomically.
+    """
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    path = Path(checkpoint) / "dcp"
+    if not (path / ".metadata").is_file():
+        raise UserError(f"{checkpoint}: not a sharded checkpoint (no dcp/.metadata)")
+    meta = FileSystemReader(str(path)).read_metadata()
+    prefix = f"{group}."
+    template = {
+        key[len(prefix) :]: torch.empty(md.size, dtype=md.properties.dtype)
+        for key, md in meta.state_dict_metadata.items()
+        if key.startswith(prefix) and isinstance(md, TensorStorageMetadata)
+    }
+    if not template:
+        raise UserError(f"{checkpoint}: no {group!r} tensors in the sharded checkpoint")
+    with warnings.catch_warnings():  # "no process group: loading in this process" is the point here
+        warnings.simplefilter("ignore")
+        dcp.load({group: template}, checkpoint_id=str(path), no_dist=True)
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_file.with_name(f".{out_file.name}.tmp")
+    save_file({k: v.contiguous() for k, v in template.items()}, str(tmp))
+    os.replace(tmp, out_file)
+    return out_file

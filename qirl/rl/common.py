@@ -4,6 +4,7 @@ warm-up and the EMA of the trained weights."""
 from __future__ import annotations
 
 import math
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from qirl.checkpoint import load_checkpoint, save_checkpoint
+from qirl.checkpoint import load_checkpoint, save_checkpoint, sharded_tmp_dir
 from qirl.config import dump_recipe
 from qirl.distributed import (
     DistributedConfig,
@@ -152,6 +153,9 @@ class TrainState:
     def restore(self, path: Path, policy: Any) -> None:
         """Load a checkpoint written by `save`; a mismatched one (other model or LoRA setting) is a UserError."""
         ckpt = load_checkpoint(path)
+        if ckpt.state.get("format") == "sharded":
+            self._restore_sharded(ckpt)
+            return
         missing = set(self.named) - set(ckpt.tensors["model"])
         if missing:
             raise UserError(
@@ -182,9 +186,65 @@ class TrainState:
                 ema_update(self.ema, self.named, iteration, train.ema_decay)
         return grad_norm, skipped
 
-    def save(self, out: Path, iteration: int, recipe: Any, keep: int) -> Path:
-        """Atomic checkpoint of everything `restore` needs (`qirl.checkpoint.save_checkpoint`). Every
-        rank gathers (a collective), rank 0 writes, the others wait for it."""
+    def _sharded_state(self) -> dict[str, Any]:
+        """Model, optimizer moments and EMA by name, as this rank holds them (DTensor shards under FSDP2);
+        what `torch.distributed.checkpoint` saves and loads in place. AdamW's state is created (zeros)
+        when this process has not stepped yet, so a fresh process can load into it."""
+        for p in self.params:
+            if p not in self.opt.state:
+                self.opt.state[p] = {
+                    "step": torch.tensor(0.0),
+                    "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                    "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+                }
+        state: dict[str, Any] = {
+            "model": dict(self.named),
+            "optimizer": {n: self.opt.state[p] for n, p in self.named.items()},
+        }
+        if self.ema is not None:
+            state["ema"] = self.ema
+        return state
+
+    def _restore_sharded(self, ckpt: Any) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        state = self._sharded_state()
+        try:
+            dcp.load(state, checkpoint_id=str(ckpt.path / "dcp"), no_dist=not self.world.distributed)
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise UserError(
+                f"{ckpt.path}: cannot load the sharded checkpoint ({str(err).splitlines()[0]}); "
+                "was it made from another model or LoRA setting?"
+            ) from None
+        self.rng.bit_generator.state = ckpt.state["data_rng"]
+        self.gen.set_state(ckpt.tensors["rng"]["torch"])
+        self.iteration = ckpt.step
+
+    def save(self, out: Path, iteration: int, recipe: Any, keep: int, sharded: bool = False) -> Path:
+        """Atomic checkpoint of everything `restore` needs (`qirl.checkpoint.save_checkpoint`).
+
+        Full (default): every rank gathers each tensor (a collective), rank 0 writes one safetensors file
+        per group. Sharded: every rank writes its own shards with `torch.distributed.checkpoint` (no
+        gather: for models whose full state does not fit one host), rank 0 adds the RNG states and
+        publishes the folder. Both resume on any number of processes; `qirl.checkpoint.consolidate`
+        turns a sharded one into one safetensors file. Sharded needs a file system all ranks share.
+        """
+        if sharded:
+            import torch.distributed.checkpoint as dcp
+
+            tmp = sharded_tmp_dir(out, iteration)
+            if self.world.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)  # left by a killed writer
+                tmp.mkdir(parents=True)
+            self.world.barrier()
+            dcp.save(self._sharded_state(), checkpoint_id=str(tmp / "dcp"), no_dist=not self.world.distributed)
+            self.world.barrier()
+            path = Path(out) / "checkpoints" / f"step_{iteration:08d}"
+            if self.world.is_main:
+                state = {"data_rng": self.rng.bit_generator.state, "recipe": dump_recipe(recipe), "format": "sharded"}
+                path = save_checkpoint(out, iteration, {"rng": {"torch": self.gen.get_state()}}, state, keep=keep, into=tmp)
+            self.world.barrier()
+            return path
         names = list(self.named)
         tensors: dict[str, dict[str, Tensor]] = {
             "model": {n: full_tensor(p).detach().clone() for n, p in self.named.items()},

@@ -138,6 +138,7 @@ class DistillRun:
     checkpoint_every: int = 10
     keep_checkpoints: int = 2
     tensorboard: bool = True  # also write <out_dir>/tb when tensorboard is installed
+    checkpoint_format: str = "full"  # full: one safetensors set (rank 0 gathers) | sharded: per-rank DCP shards
 
 
 @dataclass
@@ -225,6 +226,8 @@ def validate(recipe: DistillRecipe, world_size: int = 1) -> None:
         raise UserError(f"train.lora_rank must be >= 0, got {t.lora_rank}")
     if not 0.0 <= t.ema_decay < 1.0:
         raise UserError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+    if recipe.run.checkpoint_format not in ("full", "sharded"):
+        raise UserError(f"run.checkpoint_format must be full or sharded, got {recipe.run.checkpoint_format!r}")
     if recipe.run.checkpoint_every < 1 or recipe.run.log_every < 1:
         raise UserError("run.checkpoint_every and run.log_every must be >= 1")
     if recipe.eval.every < 0 or recipe.eval.n < 0 or recipe.eval.grid < 0:
@@ -412,7 +415,7 @@ def distill(recipe: DistillRecipe, resume: bool = False) -> Iterator[dict[str, A
     log = open_metrics(out, recipe, resumed_at, recipe.run.tensorboard, world.is_main)
 
     def checkpoint() -> Path:
-        return state.save(out, iteration, recipe, recipe.run.keep_checkpoints)
+        return state.save(out, iteration, recipe, recipe.run.keep_checkpoints, recipe.run.checkpoint_format == "sharded")
 
     def evaluate(step: int) -> dict[str, float]:
         grid = out / "grids" / f"step_{step:05d}" if world.is_main else None

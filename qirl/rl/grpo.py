@@ -128,6 +128,7 @@ class GrpoRun:
     checkpoint_every: int = 10
     keep_checkpoints: int = 2
     tensorboard: bool = True  # also write <out_dir>/tb when tensorboard is installed
+    checkpoint_format: str = "full"  # full: one safetensors set (rank 0 gathers) | sharded: per-rank DCP shards
 
 
 @dataclass
@@ -192,6 +193,8 @@ def validate(recipe: GrpoRecipe, world_size: int = 1) -> None:
         raise UserError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
     if t.reward_workers < 1:
         raise UserError(f"train.reward_workers must be >= 1, got {t.reward_workers}")
+    if recipe.run.checkpoint_format not in ("full", "sharded"):
+        raise UserError(f"run.checkpoint_format must be full or sharded, got {recipe.run.checkpoint_format!r}")
     if recipe.run.checkpoint_every < 1 or recipe.run.log_every < 1:
         raise UserError("run.checkpoint_every and run.log_every must be >= 1")
     if recipe.eval.every < 0 or recipe.eval.n < 0 or recipe.eval.grid < 0:
@@ -283,7 +286,7 @@ def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
     log = open_metrics(out, recipe, resumed_at, recipe.run.tensorboard, world.is_main)
 
     def checkpoint() -> Path:
-        return state.save(out, iteration, recipe, recipe.run.keep_checkpoints)
+        return state.save(out, iteration, recipe, recipe.run.keep_checkpoints, recipe.run.checkpoint_format == "sharded")
 
     def evaluate(step: int) -> dict[str, float]:
         grid = out / "grids" / f"step_{step:05d}" if world.is_main else None
