@@ -48,7 +48,7 @@ def run(out: Path, args: argparse.Namespace, nproc: int) -> list[dict]:
         str(nproc),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    subprocess.run(cmd, cwd=REPO, env=env, check=True)
+    subprocess.run(cmd, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"step_s"' in line]
 
 
