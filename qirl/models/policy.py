@@ -212,3 +212,15 @@ class FlowPolicy(Protocol):
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """The parameters post-training updates."""
         ...
+
+
+def image_size(policy: FlowPolicy) -> int:
+    """Side in pixels of the policy's images (edit sources are rendered at it): ``policy.image_size``
+    when the policy states it (a VAE model's latents are 8x smaller), else the size its decoder gives a
+    latent of zeros."""
+    size = getattr(policy, "image_size", None)
+    if size is not None:
+        return int(size)
+    with torch.no_grad():
+        latent = torch.zeros(1, *policy.latent_shape, device=policy.device, dtype=policy.dtype)
+        return int(policy.decode(latent).shape[-1])

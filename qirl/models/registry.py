@@ -28,6 +28,8 @@ class PolicyOptions:
     resolution: image side in pixels (0: the model's default; the tiny DiT is fixed at its own).
     gradient_checkpointing: recompute transformer blocks in backward (diffusers models).
     max_sequence_length: text tokens kept per prompt (0: the pipeline's default).
+    embedded_guidance: the guidance value a guidance-distilled transformer (FLUX.1-dev) takes as input
+        (0: the saved value, else the pipeline's default 3.5); such models sample with ``guidance: 1``.
     """
 
     device: str = "auto"
@@ -35,6 +37,7 @@ class PolicyOptions:
     resolution: int = 0
     gradient_checkpointing: bool = False
     max_sequence_length: int = 0
+    embedded_guidance: float = 0.0
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype not in DTYPES:
@@ -60,16 +63,27 @@ def base_model_path() -> Path:
     return Path(str(resources.files("qirl") / "assets" / "base"))
 
 
+def is_model_folder(path: Path) -> bool:
+    """A tiny-DiT folder (config.json), a diffusers pipeline (model_index.json) or a saved diffusers policy
+    (qirl_policy.json)."""
+    from qirl.models.diffusers_policy import is_diffusers_folder
+
+    return (path / "config.json").is_file() or is_diffusers_folder(path)
+
+
 def resolve_model_path(spec: str) -> Path:
-    """`base`, a folder with config.json + model.safetensors, or a run folder holding `model/`."""
+    """`base`, a model folder (`is_model_folder`), or a run folder holding one as `model/`."""
     path = base_model_path() if spec == "base" else Path(spec)
     if not path.exists():
         raise UserError(f"model {spec!r}: no such folder (use 'base', a model folder or a run folder)")
-    if (path / "config.json").is_file():
+    if is_model_folder(path):
         return path
-    if (path / "model" / "config.json").is_file():
+    if is_model_folder(path / "model"):
         return path / "model"
-    raise UserError(f"{path}: not a model folder (no config.json) nor a finished run (no model/config.json)")
+    raise UserError(
+        f"{path}: not a model folder (no config.json, model_index.json or qirl_policy.json) "
+        "nor a finished run (no model/ holding one)"
+    )
 
 
 def _from_run_checkpoint(run: Path) -> FlowPolicy:
@@ -99,9 +113,13 @@ def load_policy(
     """Load a policy for inference or training.
 
     `spec`: `base`, a model folder, a finished run folder (its `model/`), or a run still in progress
-    (the EMA weights of its newest checkpoint). ``options`` (a recipe's ``policy:`` section) sets the
-    device and dtype unless ``device``/``dtype`` are given; without either the policy is fp32 on the CPU.
+    (the EMA weights of its newest checkpoint). A diffusers pipeline folder (model_index.json) or a saved
+    `DiffusersPolicy` (qirl_policy.json) loads a `qirl.models.diffusers_policy.DiffusersPolicy` with the
+    options' resolution, max_sequence_length, embedded_guidance and gradient_checkpointing.
+    ``options`` (a recipe's ``policy:`` section) sets the device and dtype unless ``device``/``dtype`` are
+    given; without either the policy is fp32 on the CPU.
     """
+    from qirl.models.diffusers_policy import DiffusersPolicy, is_diffusers_folder
     from qirl.models.tiny_dit import TinyDiT
 
     if options is not None:
@@ -109,10 +127,13 @@ def load_policy(
         dtype = dtype if dtype is not None else options.torch_dtype()
     device = device if device is not None else "cpu"
     path = Path(spec)
-    if spec != "base" and not (path / "model" / "config.json").is_file() and latest_checkpoint(path) is not None:
+    if spec != "base" and not is_model_folder(path / "model") and latest_checkpoint(path) is not None:
         policy = _from_run_checkpoint(path)
     else:
-        policy = TinyDiT.from_pretrained(resolve_model_path(spec), dtype=dtype, device=device)
+        folder = resolve_model_path(spec)
+        if is_diffusers_folder(folder):
+            return DiffusersPolicy.from_pretrained(folder, device=device, dtype=dtype or torch.float32, options=options)
+        policy = TinyDiT.from_pretrained(folder, dtype=dtype, device=device)
     policy.to(device=device, dtype=dtype or torch.float32)
     policy.eval()
     return policy

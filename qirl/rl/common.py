@@ -267,17 +267,6 @@ class TrainState:
         return path
 
 
-def image_size(policy: Any) -> int:
-    """Side in pixels of the policy's images (edit sources are rendered at it): ``policy.image_size``
-    when the policy states it, else the size its decoder gives a latent of zeros."""
-    size = getattr(policy, "image_size", None)
-    if size is not None:
-        return int(size)
-    with torch.no_grad():
-        latent = torch.zeros(1, *policy.latent_shape, device=policy.device, dtype=policy.dtype)
-        return int(policy.decode(latent).shape[-1])
-
-
 def export_policy(policy: Any, directory: Path, lora: bool, world: World, rebuild: Any, train: Any) -> None:
     """Save the trained policy (LoRA merged) as a model folder; rank 0 writes.
 

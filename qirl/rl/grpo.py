@@ -53,11 +53,12 @@ from torch import Tensor
 from qirl import ops
 from qirl.distributed import DistributedConfig, init_world, sync_gradients
 from qirl.errors import UserError
+from qirl.models.policy import image_size
 from qirl.models.registry import PolicyOptions, load_policy
 from qirl.rewards.base import RewardRecord
 from qirl.rewards.composite import CompositeConfig, CompositeReward, RewardSpec
 from qirl.rewards.service import RewardService
-from qirl.rl.common import TrainState, ema_weights, export_policy, image_size, lr_at, step_noises
+from qirl.rl.common import TrainState, ema_weights, export_policy, lr_at, step_noises
 from qirl.rl.heldout import HeldoutConfig, heldout_eval, heldout_sets
 from qirl.rl.prompts import PromptSource
 from qirl.runlog import checkpoint_to_resume, open_metrics
