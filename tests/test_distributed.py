@@ -226,3 +226,10 @@ def test_a_diffusers_pipeline_on_two_processes_matches_one(tiny_qwen_image: Path
     base = load_file(str(tiny_qwen_image / "transformer" / "diffusion_pytorch_model.safetensors"))
     moved = max(float((w[0][k] - base[k]).abs().max()) for k in base)
     assert moved > 1e-6 and max(float((w[0][k] - w[1][k]).abs().max()) for k in base) < 0.05 * moved
+
+
+def test_fsdp_refuses_mixed_task_data(tmp_path: Path) -> None:
+    """Mixed t2i/edit micro-batches would make ranks run different numbers of sharded forwards (a hang)."""
+    result = qirl(tmp_path / "mix", "distributed.strategy=fsdp", "data.prompts=shapes-mix", nproc=2)
+    assert result.returncode != 0
+    assert "distributed.strategy=fsdp needs one task per run" in result.stderr

@@ -117,6 +117,7 @@ class TrainState:
     iteration: int = 0
     view: Any = None
     world: World = field(default_factory=World)
+    strategy: str = "none"  # none (one process) | ddp | fsdp
 
     @classmethod
     def create(
@@ -138,17 +139,28 @@ class TrainState:
             trainable = {id(p) for p in policy.trainable_parameters()}
             for p in policy.parameters():
                 p.requires_grad_(id(p) in trainable)
-        view = policy
+        view, strategy = policy, "none"
         if world.distributed:
             config = distributed or DistributedConfig()
-            view = wrap_policy(policy, world, choose_strategy(config, policy, lora), config.mixed_precision)
+            strategy = choose_strategy(config, policy, lora)
+            view = wrap_policy(policy, world, strategy, config.mixed_precision)
         # Collected after wrapping: FSDP2 swaps parameters for sharded DTensors.
         named = {n: p for n, p in policy.named_parameters() if p.requires_grad}
         params = list(named.values())
         ema = {n: p.detach().clone() for n, p in named.items()} if train.ema_decay > 0 else None
         opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
         rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
-        return cls(params, named, ema, opt, rng, gen, view=view, world=world)
+        return cls(params, named, ema, opt, rng, gen, view=view, world=world, strategy=strategy)
+
+    def check_tasks(self, tasks: set[str]) -> None:
+        """FSDP2's forward and backward are collectives, so every rank must run the same number of them. A
+        micro-batch mixing text-to-image and edit rows runs one forward per task (distillation's routes;
+        an edit pipeline's token counts), and ranks draw different mixes: refuse it up front."""
+        if self.strategy == "fsdp" and len(tasks) > 1:
+            raise UserError(
+                f"distributed.strategy=fsdp needs one task per run (the prompts mix {', '.join(sorted(tasks))}): "
+                "ranks would run different numbers of sharded forwards; use distributed.strategy=ddp (or LoRA)"
+            )
 
     def restore(self, path: Path, policy: Any) -> None:
         """Load a checkpoint written by `save`; a mismatched one (other model or LoRA setting) is a UserError."""

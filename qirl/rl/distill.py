@@ -407,6 +407,7 @@ def distill(recipe: DistillRecipe, resume: bool = False) -> Iterator[dict[str, A
     student = load_policy(recipe.student, options=recipe.policy)
     student.eval()  # no dropout: the student and teacher velocities are compared as deployed
     state = TrainState.create(student, tr, recipe.run.seed, world, recipe.distributed)
+    state.check_tasks(prompts_src.tasks)
     if existing is not None:
         state.restore(existing, student)
     named, ema, opt, rng, gen, view = state.named, state.ema, state.opt, state.rng, state.gen, state.view

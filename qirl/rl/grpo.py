@@ -279,6 +279,7 @@ def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
         reference = copy.deepcopy(policy)
         reference.requires_grad_(False)
     state = TrainState.create(policy, tr, recipe.run.seed, world, recipe.distributed)
+    state.check_tasks(prompts_src.tasks)
     if existing is not None:
         state.restore(existing, policy)
     named, ema, opt, rng, gen, view = state.named, state.ema, state.opt, state.rng, state.gen, state.view
