@@ -56,5 +56,19 @@ def merged_copy(policy: torch.nn.Module) -> torch.nn.Module:
 
 
 def save_policy(policy: Any, directory: str | Path, lora: bool) -> None:
-    """``save_pretrained`` of the policy (merged first when it carries LoRA adapters)."""
-    (merged_copy(policy) if lora else policy).save_pretrained(directory)
+    """``save_pretrained`` of the policy (merged first when it carries LoRA adapters).
+
+    The merge works on a copy of the trained weights (the frozen text encoders and VAE of a diffusers
+    policy are shared, not copied). A GPU policy is moved to host memory for it and back, so exporting a
+    20B transformer never holds two copies on the GPU."""
+    if not lora:
+        policy.save_pretrained(directory)
+        return
+    device = next(policy.parameters()).device
+    if device.type != "cpu":
+        policy.to("cpu")
+    try:
+        merged_copy(policy).save_pretrained(directory)
+    finally:
+        if device.type != "cpu":
+            policy.to(device)
