@@ -65,7 +65,7 @@ import yaml
 from qirl.data import PromptRecord, atomic_write_text, write_jsonl
 from qirl.errors import UserError
 from qirl.models.policy import FlowPolicy, image_size
-from qirl.models.registry import load_policy
+from qirl.models.registry import PolicyOptions, load_policy
 from qirl.rewards.base import RewardRecord
 from qirl.rewards.composite import CompositeConfig, CompositeReward, RewardSpec
 from qirl.samples import image_noise, record_source, resolve_prompts
@@ -127,6 +127,7 @@ class CurateOut:
 @dataclass
 class CurateRecipe:
     model: str = "base"
+    policy: PolicyOptions = field(default_factory=PolicyOptions)  # device, dtype, resolution, ...
     prompts: str = "demo"  # JSONL path or built-in set name
     rewards: CompositeConfig = field(default_factory=_default_rewards)
     sampling: CurateSampling = field(default_factory=CurateSampling)
@@ -300,7 +301,7 @@ def curate(recipe: CurateRecipe, policy: FlowPolicy | None = None) -> Iterator[d
     names = list(composite.names)
     _validate(recipe, names)
     if policy is None:
-        policy = load_policy(recipe.model)
+        policy = load_policy(recipe.model, options=recipe.policy)
     total = len(records)
     parts: list[np.ndarray] = []
     for done, batch in _score_groups(recipe, policy, composite, records):
