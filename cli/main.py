@@ -143,7 +143,9 @@ def pretrain(
 @app.command()
 @user_errors
 def sample(
-    model: Annotated[str, typer.Option(help="'base' (shipped), a run directory or a checkpoint folder.")] = "base",
+    model: Annotated[
+        str, typer.Option(help="'base' (shipped), a run directory, a model folder or a diffusers pipeline folder.")
+    ] = "base",
     prompts: Annotated[
         str | None, typer.Option(help="Prompt JSONL, or a built-in set: heldout-t2i, heldout-edit, demo.")
     ] = None,
@@ -157,11 +159,15 @@ def sample(
     shift: Annotated[float, typer.Option(help="Flow-matching time shift.")] = 1.0,
     seed: int = 0,
     batch_size: int = 64,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="Weights: float32, bfloat16 or float16.")] = "float32",
+    resolution: Annotated[int, typer.Option(help="Image side in pixels for a diffusers pipeline (0: its default).")] = 0,
     quiet: Quiet = False,
     json_out: AsJson = False,
 ) -> None:
     """Generate images (T2I) or edits (instruction + source) and a grid from a model."""
     from qirl.data import PromptRecord
+    from qirl.models.registry import PolicyOptions
     from qirl.samples import SampleOptions, generate, resolve_prompts
 
     if prompt:
@@ -174,7 +180,13 @@ def sample(
     if limit is not None:
         records = records[:limit]
     opts = SampleOptions(
-        steps=steps, guidance=guidance, shift=shift, seed=seed, per_prompt=per_prompt, batch_size=batch_size
+        steps=steps,
+        guidance=guidance,
+        shift=shift,
+        seed=seed,
+        per_prompt=per_prompt,
+        batch_size=batch_size,
+        policy=PolicyOptions(device=device, dtype=dtype, resolution=resolution),
     )
     summary = live_metrics(generate(model, records, out, opts), "sample", quiet or json_out)
     print_summary(summary, json_out, "sample")
@@ -420,8 +432,8 @@ EvalModels = Annotated[
     list[str] | None,
     typer.Option(
         "--model", "--models",
-        help="MODEL or LABEL=MODEL, optionally with @steps=N@guidance=S@shift=F; MODEL: 'base', a model or a run "
-        "folder. Comma-separated and repeatable.",
+        help="MODEL or LABEL=MODEL, optionally with @steps=N@guidance=S@shift=F (and @resolution=PX@dtype=bfloat16 "
+        "for a diffusers pipeline); MODEL: 'base', a model, run or pipeline folder. Comma-separated and repeatable.",
     ),
 ]
 Judge = Annotated[list[str] | None, typer.Option(help="Judge: 'oracle' or a reward model name[:key=value,...] (repeatable).")]

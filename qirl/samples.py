@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from qirl.data import (
 )
 from qirl.errors import UserError
 from qirl.models.policy import image_size
-from qirl.models.registry import load_policy
+from qirl.models.registry import PolicyOptions, load_policy
 from qirl.sampling import sample_ode
 from qirl.shapes import random_edit_record, random_t2i_record, render_batch
 from qirl.shapes.scene import Scene
@@ -111,6 +111,7 @@ class SampleOptions:
     seed: int = 0
     per_prompt: int = 1
     batch_size: int = 64
+    policy: PolicyOptions = field(default_factory=lambda: PolicyOptions(device="cpu"))  # how to load the model
 
 
 def image_noise(seed: int, index: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -123,7 +124,7 @@ def generate(model: str, records: list[PromptRecord], out: str | Path, opts: Sam
     """Sample `opts.per_prompt` images per record into the folder `out` (replaced atomically)."""
     if opts.steps < 1 or opts.per_prompt < 1 or opts.batch_size < 1:
         raise UserError("--steps, --per-prompt and --batch-size must be at least 1")
-    policy = load_policy(model)
+    policy = load_policy(model, options=opts.policy)
     size = image_size(policy)
     jobs = [(r, k) for r in records for k in range(opts.per_prompt)]
     sources = [record_source(r, size) for r in records]  # validate every source before any work

@@ -70,3 +70,27 @@ def test_distill_recipe_runs_on_tiny_pipelines(pipes: dict[str, Path], tmp_path:
     recipe = select_teachers(recipe, f"t2i={pipes['t2i']},edit={pipes['edit_teacher']}")
     rows = list(distill(recipe))
     assert rows[0]["loss"] > 0 and rows[-1]["steps"] == 1
+
+
+def test_sample_and_bench_take_a_pipeline_folder(pipes: dict[str, Path], tmp_path: Path) -> None:
+    """`qirl sample` and `qirl eval bench` load a diffusers pipeline folder with its load options."""
+    from qirl.cli.main import app
+    from typer.testing import CliRunner
+
+    runner = CliRunner()
+    out = tmp_path / "samples"
+    result = runner.invoke(
+        app,
+        ["sample", "--model", str(pipes["t2i"]), "--prompt", "a red circle", "--resolution", "32",
+         "--steps", "2", "--out", str(out), "--quiet"],
+    )
+    assert result.exit_code == 0, result.output
+    assert len(list(out.glob("*.png"))) >= 1
+    bench = tmp_path / "bench"
+    result = runner.invoke(
+        app,
+        ["eval", "bench", "--model", f"q={pipes['t2i']}@resolution=32@steps=2", "--task", "t2i", "--seeds", "1",
+         "--n-prompts", "2", "--bootstrap", "0", "--out", str(bench), "--quiet"],
+    )
+    assert result.exit_code == 0, result.output
+    assert (bench / "bench.json").is_file()

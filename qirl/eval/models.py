@@ -1,8 +1,9 @@
 """Models under evaluation: `[label=]spec[@key=value...]` and the images they generate.
 
-`spec` is anything `load_policy` takes ("base", a model folder, a run folder); the options after `@`
-set its sampling (`steps`, `guidance`, `shift`), so `cfg1=base@guidance=1` compares the base model
-without guidance against itself with it. The label (default: the text as given) names the model in
+`spec` is anything `load_policy` takes ("base", a model folder, a run folder, a diffusers pipeline
+folder); the options after `@` set its sampling (`steps`, `guidance`, `shift`), so `cfg1=base@guidance=1`
+compares the base model without guidance against itself with it, and how it loads (`resolution`,
+`dtype`: `qwen=/models/Qwen-Image@resolution=512@dtype=bfloat16`). The label (default: the text as given) names the model in
 votes, tables and figures.
 
 Every model draws the same initial noise for the same (prompt, seed): image `i` of a prompt set under
@@ -39,9 +40,12 @@ class ModelSpec:
     label: str
     path: str
     sampling: Sampling
+    resolution: int = 0  # a diffusers pipeline's image side (0: its default)
+    dtype: str = "float32"
 
 
 _KEYS = {"steps": int, "guidance": float, "shift": float}
+_LOAD_KEYS = {"resolution": int, "dtype": str}
 
 
 def parse_model_spec(text: str, default: Sampling | None = None) -> ModelSpec:
@@ -54,18 +58,20 @@ def parse_model_spec(text: str, default: Sampling | None = None) -> ModelSpec:
     if not path or not label:
         raise UserError(f"model {text!r}: empty model name")
     values: dict[str, int | float] = {}
+    load: dict[str, int | str] = {}
     for opt in opts:
         key, eq, value = opt.partition("=")
-        if not eq or key not in _KEYS:
-            raise UserError(f"model {text!r}: option {opt!r} must be one of {', '.join(k + '=...' for k in _KEYS)}")
+        known = {**_KEYS, **_LOAD_KEYS}
+        if not eq or key not in known:
+            raise UserError(f"model {text!r}: option {opt!r} must be one of {', '.join(k + '=...' for k in known)}")
         try:
-            values[key] = _KEYS[key](value)
+            (load if key in _LOAD_KEYS else values)[key] = known[key](value)
         except ValueError:
             raise UserError(f"model {text!r}: {key} must be a number, got {value!r}") from None
     sampling = replace(default or Sampling(), **values)
     if sampling.steps < 1 or sampling.shift <= 0:
         raise UserError(f"model {text!r}: steps must be >= 1 and shift > 0")
-    return ModelSpec(label, path, sampling)
+    return ModelSpec(label, path, sampling, **load)  # type: ignore[arg-type]
 
 
 def parse_models(texts: Sequence[str], default: Sampling | None = None) -> list[ModelSpec]:
@@ -85,14 +91,16 @@ def slug(label: str) -> str:
 
 def load_models(specs: Sequence[ModelSpec], device: str | torch.device = "cpu") -> dict[str, FlowPolicy]:
     """label -> policy; specs sharing a path share one policy. Fails (UserError) before any work."""
-    from qirl.models.registry import load_policy
+    from qirl.models.registry import PolicyOptions, load_policy
 
-    by_path: dict[str, FlowPolicy] = {}
+    by_path: dict[tuple[str, int, str], FlowPolicy] = {}
     out = {}
     for s in specs:
-        if s.path not in by_path:
-            by_path[s.path] = load_policy(s.path, device=device)
-        out[s.label] = by_path[s.path]
+        key = (s.path, s.resolution, s.dtype)
+        if key not in by_path:
+            options = PolicyOptions(dtype=s.dtype, resolution=s.resolution)
+            by_path[key] = load_policy(s.path, device=device, options=options)
+        out[s.label] = by_path[key]
     return out
 
 
