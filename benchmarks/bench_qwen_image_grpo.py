@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "build_s": round(build_s, 1),
         **{f"{k}_s": round(v, 3) for k, v in mean.items()},
         "images_per_s": round(B / mean["step"], 3),
-        "model_tflop_per_step": round(flops_step / 1e12, 2),
+        "model_flops_per_step": int(flops_step),
         "achieved_tflops": round(achieved, 2),
         "mfu": round(achieved / peak, 4) if peak else None,
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if cuda else None,
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for k in ("rollout", "decode", "train"):
         print(f"| {k} | {mean[k]:.3f} | {mean[k] / mean['step']:.1%} |")
     mfu = f"{result['mfu']:.1%}" if result["mfu"] is not None else "n/a (no peak known)"
-    print(f"\nstep {mean['step']:.3f} s, {result['images_per_s']} images/s, {achieved:.1f} TFLOP/s, MFU {mfu}")
+    print(f"\nstep {mean['step']:.3f} s, {flops_step / 1e12:.2f} TFLOP, {result['images_per_s']} images/s, {achieved:.1f} TFLOP/s, MFU {mfu}")
     print(json.dumps(result))
     return result
 

@@ -77,15 +77,22 @@ def _setup(
         torch.set_num_threads(threads)
 
 
-def _run_recipe(schema, run, recipe: Path, overrides, resume: bool, title: str, quiet: bool, json_out: bool) -> None:
+def _run_recipe(
+    schema, run, recipe: Path, overrides, resume: bool, title: str, quiet: bool, json_out: bool, nproc: int = 1, check=None
+) -> None:
     """Load a training recipe, run its generator with the live view, print the summary.
 
-    Under torchrun only rank 0 shows progress and prints the summary; the process group is closed at the end.
+    ``nproc`` > 1 (outside torchrun): ``check(cfg, nproc)`` validates the recipe here, so a mistake is one
+    line and not N tracebacks, then the command line is re-run under torchrun (`_launch`). Under torchrun
+    only rank 0 shows progress and prints the summary; the process group is closed at the end.
     """
     from qirl.config import load_recipe
 
     main_rank = int(os.environ.get("RANK", "0")) == 0
     cfg = load_recipe(schema, recipe, overrides)
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        check(cfg, nproc)
+        _launch(nproc)
     try:
         summary = live_metrics(run(cfg, resume=resume), title, quiet or json_out or not main_rank)
     finally:
@@ -97,14 +104,19 @@ def _run_recipe(schema, run, recipe: Path, overrides, resume: bool, title: str, 
         print_summary(summary, json_out, title)
 
 
+def _recipe_or_override(recipe: Path | None, overrides: list[str] | None) -> tuple[Path | None, list[str] | None]:
+    """An optional recipe argument that holds ``key=value`` (and names no file) is the first override."""
+    if recipe is not None and "=" in str(recipe) and not recipe.exists():
+        return None, [str(recipe), *(overrides or [])]
+    return recipe, overrides
+
+
 def _launch(nproc: int) -> None:
     """Re-run this command line under torchrun with ``nproc`` processes on this node (``--nproc`` removed)
-    and exit with its status; a no-op inside a torchrun worker or for one process."""
+    and exit with its status."""
     import subprocess
     import sys
 
-    if nproc <= 1 or "WORLD_SIZE" in os.environ:
-        return
     args, skip = [], False
     for a in sys.argv[1:]:
         if skip:
@@ -256,8 +268,7 @@ def score_annotate(
     from qirl.config import load_recipe
     from qirl.rewards.annotate import AnnotateConfig, annotate
 
-    if recipe is not None and "=" in str(recipe) and not recipe.exists():  # only overrides were given
-        overrides, recipe = [str(recipe), *(overrides or [])], None
+    recipe, overrides = _recipe_or_override(recipe, overrides)
     cfg = load_recipe(AnnotateConfig, recipe, overrides)
     summary = live_metrics(annotate(cfg), "annotate", quiet or json_out)
     print_summary(summary, json_out, "annotations")
@@ -343,8 +354,7 @@ def curate(
     from qirl.rl.curate import CurateRecipe
     from qirl.rl.curate import curate as run
 
-    if recipe is not None and "=" in str(recipe) and not recipe.exists():  # only overrides were given
-        overrides, recipe = [str(recipe), *(overrides or [])], None
+    recipe, overrides = _recipe_or_override(recipe, overrides)
     cfg = load_recipe(CurateRecipe, recipe, [*(overrides or []), f"prompts={prompts}"])
     summary = live_metrics(run(cfg), "curate", quiet or json_out)
     if not json_out:
@@ -363,17 +373,10 @@ def grpo(
     nproc: Nproc = 1,
 ) -> None:
     """GRPO for flow matching: SDE rollouts with hybrid CFG, group-relative multi-reward advantage."""
-    from qirl.rl.grpo import GrpoRecipe
-
-    if nproc > 1 and "WORLD_SIZE" not in os.environ:  # check the recipe here, not in N tracebacks
-        from qirl.config import load_recipe
-        from qirl.rl.grpo import validate
-
-        validate(load_recipe(GrpoRecipe, recipe, overrides), world_size=nproc)
-        _launch(nproc)
+    from qirl.rl.grpo import GrpoRecipe, validate
     from qirl.rl.grpo import grpo as run
 
-    _run_recipe(GrpoRecipe, run, recipe, overrides, resume, "grpo", quiet, json_out)
+    _run_recipe(GrpoRecipe, run, recipe, overrides, resume, "grpo", quiet, json_out, nproc, validate)
 
 
 @app.command()
@@ -394,20 +397,16 @@ def distill(
     nproc: Nproc = 1,
 ) -> None:
     """On-policy distillation: one student matches each task's RL teacher's velocity on its own trajectories."""
-    from qirl.rl.distill import DistillRecipe, select_teachers
+    from qirl.rl.distill import DistillRecipe, select_teachers, validate
     from qirl.rl.distill import distill as run
-
-    if nproc > 1 and "WORLD_SIZE" not in os.environ:  # check the recipe here, not in N tracebacks
-        from qirl.config import load_recipe
-        from qirl.rl.distill import validate
-
-        validate(select_teachers(load_recipe(DistillRecipe, recipe, overrides), teachers), world_size=nproc)
-        _launch(nproc)
 
     def run_selected(cfg: DistillRecipe, resume: bool = False):
         return run(select_teachers(cfg, teachers), resume=resume)
 
-    _run_recipe(DistillRecipe, run_selected, recipe, overrides, resume, "distill", quiet, json_out)
+    def check(cfg: DistillRecipe, n: int) -> None:
+        validate(select_teachers(cfg, teachers), world_size=n)
+
+    _run_recipe(DistillRecipe, run_selected, recipe, overrides, resume, "distill", quiet, json_out, nproc, check)
 
 
 @app.command()

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -263,12 +262,3 @@ def full_state(tree: Any) -> Any:
     if isinstance(tree, list | tuple):
         return type(tree)(full_state(v) for v in tree)
     return tree
-
-
-@contextlib.contextmanager
-def main_first(world: World) -> Iterator[None]:
-    """Rank 0 runs the block (e.g. writes a file), then everyone passes the barrier."""
-    try:
-        yield
-    finally:
-        world.barrier()

@@ -28,7 +28,6 @@ from qirl.data import (
     write_jsonl,
 )
 from qirl.errors import UserError
-from qirl.models.policy import image_size
 from qirl.models.registry import PolicyOptions, load_policy
 from qirl.sampling import sample_ode
 from qirl.shapes import random_edit_record, random_t2i_record, render_batch
@@ -125,7 +124,7 @@ def generate(model: str, records: list[PromptRecord], out: str | Path, opts: Sam
     if opts.steps < 1 or opts.per_prompt < 1 or opts.batch_size < 1:
         raise UserError("--steps, --per-prompt and --batch-size must be at least 1")
     policy = load_policy(model, options=opts.policy)
-    size = image_size(policy)
+    size = policy.image_size
     jobs = [(r, k) for r in records for k in range(opts.per_prompt)]
     sources = [record_source(r, size) for r in records]  # validate every source before any work
     src_of = {id(r): s for r, s in zip(records, sources, strict=True)}

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, normalizers
+from vlm_cases import shapes_batch
 
 from qirl.checkpoint import latest_checkpoint, load_checkpoint
 from qirl.config import load_recipe
@@ -39,7 +40,7 @@ from qirl.rewards.vlm.prompting import (
 from qirl.rewards.vlm.tokenizer import ASSET_DIR, SCORE_TOKENS, SPECIAL_TOKENS, load_embedded_tokenizer, wrap
 from qirl.rewards.vlm.toy import save_toy_annotations, toy_annotations
 from qirl.rewards.vlm.train import rankdata
-from qirl.shapes import random_edit_record, random_t2i_record, render_batch
+from qirl.shapes import random_edit_record, random_t2i_record
 from qirl.shapes.scene import Scene
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,24 +77,6 @@ def toy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pairs_per_prompt=3,
         label_noise=0.0,
     )
-
-
-def shapes_batch(n: int, seed: int = 0) -> tuple[torch.Tensor, list[str], list[RewardRecord]]:
-    """Renders of n captions (odd rows are edits, with their source) of different prompt lengths."""
-    rng = np.random.default_rng(seed)
-    scenes, prompts, records = [], [], []
-    for i in range(n):
-        if i % 2:
-            rec = random_edit_record(rng)
-            src = render_batch([Scene.from_dict(rec["source_scene"])], 32)[0]
-            scenes.append(Scene.from_dict(rec["target_scene"]))
-            records.append(RewardRecord(task="edit", category=rec["category"], source=src))
-        else:
-            rec = random_t2i_record(rng)
-            scenes.append(Scene.from_dict(rec["scene"]))
-            records.append(RewardRecord(category=rec["category"]))
-        prompts.append(rec["prompt"])
-    return render_batch(scenes, 32), prompts, records
 
 
 def hand_distribution(

@@ -11,10 +11,10 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForImageTextToText
+from vlm_cases import shapes_batch
 
 from qirl.errors import UserError
 from qirl.rewards.base import _REGISTRY, RewardRecord
@@ -22,8 +22,6 @@ from qirl.rewards.vlm import VLMReward, VLMRewardConfig
 from qirl.rewards.vlm.prompting import MARKER, chat_text, simple_chat
 from qirl.rewards.vlm.tiny import FAMILIES, build_tiny_checkpoint, build_tiny_vlm
 from qirl.rewards.vlm.tokenizer import ImageOnlyQwen3VLProcessor, ImageOnlyQwenVLProcessor
-from qirl.shapes import random_edit_record, random_t2i_record, render_batch
-from qirl.shapes.scene import Scene
 
 PROCESSORS = {"qwen2.5-vl": ImageOnlyQwenVLProcessor, "qwen3-vl": ImageOnlyQwen3VLProcessor}
 MODEL_TYPES = {"qwen2.5-vl": "qwen2_5_vl", "qwen3-vl": "qwen3_vl"}
@@ -55,23 +53,10 @@ def cfg(**kw) -> VLMRewardConfig:  # noqa: ANN003
 
 
 def batch(n: int, seed: int = 0) -> tuple[torch.Tensor, list[str], list[RewardRecord]]:
-    """n 32x32 renders (odd rows edits, with their source); row 0's prompt is much shorter than the rest,
-    so a batch is padded."""
-    rng = np.random.default_rng(seed)
-    scenes, prompts, records = [], [], []
-    for i in range(n):
-        if i % 2:
-            rec = random_edit_record(rng)
-            src = render_batch([Scene.from_dict(rec["source_scene"])], 32)[0]
-            scenes.append(Scene.from_dict(rec["target_scene"]))
-            records.append(RewardRecord(task="edit", source=src))
-        else:
-            rec = random_t2i_record(rng)
-            scenes.append(Scene.from_dict(rec["scene"]))
-            records.append(RewardRecord())
-        prompts.append(rec["prompt"])
+    """`shapes_batch` with row 0's prompt much shorter than the rest, so a batch is padded."""
+    images, prompts, records = shapes_batch(n, seed)
     prompts[0] = "a circle"
-    return render_batch(scenes, 32), prompts, records
+    return images, prompts, records
 
 
 def last_token_hidden(  # noqa: ANN001

@@ -42,6 +42,10 @@ class OraclePolicy:
         return tuple(self.x0.shape[1:])  # type: ignore[return-value]
 
     @property
+    def image_size(self) -> int:
+        return int(self.x0.shape[-1])
+
+    @property
     def device(self) -> torch.device:
         return self.x0.device
 

@@ -33,7 +33,6 @@ from qirl.eval.judges import VotePolicy, cast_vote, make_judge, vote_rng
 from qirl.eval.models import Sampling, generate_images, job_sources, load_models, parse_models, slug
 from qirl.eval.ratings import VoteArrays, compute_ratings
 from qirl.eval.votes import as_triples, read_votes, same_vote, vote_key
-from qirl.models.policy import image_size
 
 MARKER = "arena.json"
 
@@ -128,7 +127,7 @@ def run_arena(
     native: dict[tuple[str, int, int], float] = {}
     images: dict[tuple[str, int, int], torch.Tensor] = {}
     done = 0
-    size = image_size(next(iter(policies.values()))) if policies else 32
+    size = next(iter(policies.values())).image_size if policies else 32
     sources = dict(zip(jobs, job_sources(records, jobs, size), strict=True)) if jobs else {}
     for spec in specs:
         for start in range(0, len(jobs), batch_size):

@@ -33,7 +33,7 @@ from qirl.eval.io import check_replaceable, staged_dir, write_json
 from qirl.eval.judges import OracleJudge, RewardJudge, make_judge
 from qirl.eval.models import Sampling, generate_images, job_sources, load_models, parse_models, slug
 from qirl.eval.stats import cluster_bootstrap
-from qirl.models.policy import FlowPolicy, image_size
+from qirl.models.policy import FlowPolicy
 
 TASKS = ("t2i", "edit")
 BENCH_SETS = {"t2i": "heldout-t2i", "edit": "heldout-edit"}
@@ -111,7 +111,7 @@ def _score_batches(
     batch_size: int,
 ) -> Iterator[tuple[Sequence[tuple[int, int]], torch.Tensor, list[torch.Tensor | None], list[ImageScore]]]:
     """(jobs, images [b, 3, H, W], edit sources, scores) per batch of jobs."""
-    size = image_size(policy)
+    size = policy.image_size
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
         images = generate_images(policy, records, chunk, sampling, batch_size)  # [b, 3, H, W]

@@ -79,7 +79,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qirl.errors import UserError
-from qirl.models.policy import Condition
+from qirl.models.policy import Condition, check_velocity_inputs
 
 POLICY_CONFIG = "qirl_policy.json"
 POLICY_FORMAT = "qirl-diffusers-policy"
@@ -501,13 +501,7 @@ class DiffusersPolicy(nn.Module):
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Condition) -> Tensor:
         """The velocity (call `velocity`)."""
-        b = x_t.shape[0]
-        if tuple(x_t.shape[1:]) != self.latent_shape:
-            raise ValueError(
-                f"x_t has shape {tuple(x_t.shape)}, expected [B, {', '.join(map(str, self.latent_shape))}]"
-            )
-        if cond.batch_size != b:
-            raise ValueError(f"condition has batch {cond.batch_size}, x_t has {b}")
+        b = check_velocity_inputs(x_t, cond, self.latent_shape)
         device, dtype = self.device, self.dtype
         t = torch.as_tensor(t, device=device, dtype=torch.float32).reshape(-1).expand(b)  # [B]
         x = x_t.to(device=device, dtype=dtype)  # [B, C, h, w]

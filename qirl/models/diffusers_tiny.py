@@ -66,9 +66,8 @@ def qwen_tokenizer() -> Any:
     from diffusers import QwenImageEditPipeline, QwenImagePipeline
     from tokenizers import Regex, Tokenizer, pre_tokenizers
     from tokenizers.models import WordLevel
-    from transformers import PreTrainedTokenizerFast
 
-    from qirl.rewards.vlm.tokenizer import IM_END, IMAGE_PAD, PAD, SPECIAL_TOKENS, UNK, VIDEO_PAD
+    from qirl.rewards.vlm.tokenizer import SPECIAL_TOKENS, UNK, wrap
 
     split = pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated")
     templates = [_template(QwenImagePipeline), _template(QwenImageEditPipeline)]
@@ -81,15 +80,7 @@ def qwen_tokenizer() -> Any:
     backend = Tokenizer(WordLevel(vocab=vocab, unk_token=UNK))
     backend.pre_tokenizer = split
     backend.add_special_tokens(list(SPECIAL_TOKENS))
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        unk_token=UNK,
-        pad_token=PAD,
-        eos_token=IM_END,
-        extra_special_tokens={"image_token": IMAGE_PAD, "video_token": VIDEO_PAD},
-        padding_side="right",
-        model_max_length=2048,
-    )
+    return wrap(backend, padding_side="right", model_max_length=2048)
 
 
 def _template(pipeline_cls: Any) -> str:

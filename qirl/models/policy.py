@@ -184,6 +184,11 @@ class FlowPolicy(Protocol):
         ...
 
     @property
+    def image_size(self) -> int:
+        """Side in pixels of the decoded images (and of the edit sources `encode` reads)."""
+        ...
+
+    @property
     def device(self) -> torch.device: ...
 
     @property
@@ -214,13 +219,12 @@ class FlowPolicy(Protocol):
         ...
 
 
-def image_size(policy: FlowPolicy) -> int:
-    """Side in pixels of the policy's images (edit sources are rendered at it): ``policy.image_size``
-    when the policy states it (a VAE model's latents are 8x smaller), else the size its decoder gives a
-    latent of zeros."""
-    size = getattr(policy, "image_size", None)
-    if size is not None:
-        return int(size)
-    with torch.no_grad():
-        latent = torch.zeros(1, *policy.latent_shape, device=policy.device, dtype=policy.dtype)
-        return int(policy.decode(latent).shape[-1])
+def check_velocity_inputs(x_t: Tensor, cond: Condition, latent_shape: tuple[int, int, int]) -> int:
+    """The batch size of a velocity call; ValueError when x_t is not [B, *latent_shape] or cond's batch
+    is not B (caller bugs, not user errors)."""
+    b = x_t.shape[0]
+    if tuple(x_t.shape[1:]) != tuple(latent_shape):
+        raise ValueError(f"x_t has shape {tuple(x_t.shape)}, expected [B, {', '.join(map(str, latent_shape))}]")
+    if cond.batch_size != b:
+        raise ValueError(f"condition has batch {cond.batch_size}, x_t has {b}")
+    return b

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from qirl.data import publish_mode
 from qirl.errors import UserError
 from qirl.models.layers import Mlp, SelfAttention, modulate, sincos_2d, timestep_embedding
-from qirl.models.policy import Condition
+from qirl.models.policy import Condition, check_velocity_inputs
 from qirl.models.text import TextEncoder, load_tokenizer, tokenize
 
 logger = logging.getLogger(__name__)
@@ -198,6 +198,10 @@ class TinyDiT(nn.Module):
         return (self.config.channels, self.config.image_size, self.config.image_size)
 
     @property
+    def image_size(self) -> int:
+        return self.config.image_size  # no VAE: latents are pixels
+
+    @property
     def device(self) -> torch.device:
         return self.patch_embed.weight.device
 
@@ -273,13 +277,7 @@ class TinyDiT(nn.Module):
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Condition) -> Tensor:
         """The velocity (call `velocity`)."""
-        b = x_t.shape[0]
-        if tuple(x_t.shape[1:]) != self.latent_shape:
-            raise ValueError(
-                f"x_t has shape {tuple(x_t.shape)}, expected [B, {', '.join(map(str, self.latent_shape))}]"
-            )
-        if cond.batch_size != b:
-            raise ValueError(f"condition has batch {cond.batch_size}, x_t has {b}")
+        b = check_velocity_inputs(x_t, cond, self.latent_shape)
         if cond.pooled is None:
             raise ValueError("TinyDiT needs cond.pooled (use TinyDiT.encode)")
         dtype = self.dtype

@@ -23,12 +23,14 @@ from qirl.distributed import (
     choose_strategy,
     full_state,
     full_tensor,
+    init_world,
     shard_like,
     wrap_policy,
 )
 from qirl.errors import UserError
 from qirl.pretrain import ema_decay_at
 from qirl.rl.lora import TINY_DIT_TARGETS, add_lora, save_policy
+from qirl.runlog import checkpoint_to_resume
 
 
 def lr_at(iteration: int, train: Any) -> float:
@@ -63,6 +65,54 @@ def ema_weights(params: dict[str, Tensor], ema: dict[str, Tensor] | None) -> Ite
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(saved[n])
+
+
+CHECKPOINT_FORMATS = ("full", "sharded")
+
+
+@dataclass
+class TrainRun:
+    """The ``run:`` section of GRPO and distillation recipes."""
+
+    out_dir: str = "runs/grpo"
+    seed: int = 0
+    log_every: int = 1
+    checkpoint_every: int = 10
+    keep_checkpoints: int = 2
+    tensorboard: bool = True  # also write <out_dir>/tb when tensorboard is installed
+    checkpoint_format: str = "full"  # full: one safetensors set (rank 0 gathers) | sharded: per-rank DCP shards
+
+
+def validate_common(recipe: Any, world_size: int = 1) -> None:
+    """The checks both trainers' recipes share (``distributed``, ``run``, ``eval``, and the split of
+    ``train.prompts_per_iter`` over ``world_size`` processes); a UserError naming the key."""
+    recipe.distributed.validate()
+    p, run = recipe.train.prompts_per_iter, recipe.run
+    if p % world_size:
+        raise UserError(f"train.prompts_per_iter={p} must be divisible by the number of processes ({world_size})")
+    if run.checkpoint_format not in CHECKPOINT_FORMATS:
+        raise UserError(f"run.checkpoint_format must be full or sharded, got {run.checkpoint_format!r}")
+    if run.checkpoint_every < 1 or run.log_every < 1:
+        raise UserError("run.checkpoint_every and run.log_every must be >= 1")
+    if recipe.eval.every < 0 or recipe.eval.n < 0 or recipe.eval.grid < 0:
+        raise UserError("eval.every, eval.n and eval.grid must be >= 0")
+
+
+def start_run(recipe: Any, resume: bool) -> tuple[World, slice, Path, Path | None]:
+    """Join the torchrun process group (if any) and find the checkpoint to resume: (world, this rank's
+    share of ``train.prompts_per_iter``, out_dir, checkpoint or None). Every rank has looked at out_dir
+    before this returns, so rank 0 may write into it."""
+    world = init_world(recipe.distributed)
+    mine = world.rows(recipe.train.prompts_per_iter, "train.prompts_per_iter")
+    out = Path(recipe.run.out_dir)
+    existing = checkpoint_to_resume(out, resume)
+    world.barrier()
+    return world, mine, out, existing
+
+
+def micro_batches(n: int, size: int) -> list[tuple[int, int]]:
+    """[(start, stop)] covering rows 0..n in pieces of at most ``size``."""
+    return [(a, min(a + size, n)) for a in range(0, n, size)]
 
 
 def lora_targets(policy: Any, train: Any) -> str:
@@ -127,10 +177,13 @@ class TrainState:
         seed: int,
         world: World | None = None,
         distributed: DistributedConfig | None = None,
+        tasks: set[str] | None = None,
+        resume_from: Path | None = None,
     ) -> TrainState:
         """Freeze all but the trained weights (``train.lora_rank`` > 0: LoRA adapters through peft; else
         the policy's `trainable_parameters`), wrap for data parallelism (DDP or FSDP2, several processes
-        only), then AdamW, the EMA copy and seeded RNGs."""
+        only), then AdamW, the EMA copy and seeded RNGs; `check_tasks` on the ``tasks`` the data draws,
+        and `restore` ``resume_from`` when given."""
         world = world or World()
         lora = train.lora_rank > 0
         if lora:
@@ -150,7 +203,11 @@ class TrainState:
         ema = {n: p.detach().clone() for n, p in named.items()} if train.ema_decay > 0 else None
         opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
         rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
-        return cls(params, named, ema, opt, rng, gen, view=view, world=world, strategy=strategy)
+        state = cls(params, named, ema, opt, rng, gen, view=view, world=world, strategy=strategy)
+        state.check_tasks(tasks or set())
+        if resume_from is not None:
+            state.restore(resume_from, policy)
+        return state
 
     def check_tasks(self, tasks: set[str]) -> None:
         """FSDP2's forward and backward are collectives, so every rank must run the same number of them. A
@@ -232,7 +289,7 @@ class TrainState:
         self.gen.set_state(ckpt.tensors["rng"]["torch"])
         self.iteration = ckpt.step
 
-    def save(self, out: Path, iteration: int, recipe: Any, keep: int, sharded: bool = False) -> Path:
+    def save(self, out: Path, iteration: int, recipe: Any) -> Path:
         """Atomic checkpoint of everything `restore` needs (`qirl.checkpoint.save_checkpoint`).
 
         Full (default): every rank gathers each tensor (a collective), rank 0 writes one safetensors file
@@ -240,8 +297,10 @@ class TrainState:
         gather: for models whose full state does not fit one host), rank 0 adds the RNG states and
         publishes the folder. Both resume on any number of processes; `qirl.checkpoint.consolidate`
         turns a sharded one into one safetensors file. Sharded needs a file system all ranks share.
+        ``recipe.run`` gives the format and how many checkpoints to keep.
         """
-        if sharded:
+        keep = recipe.run.keep_checkpoints
+        if recipe.run.checkpoint_format == "sharded":
             import torch.distributed.checkpoint as dcp
 
             tmp = sharded_tmp_dir(out, iteration)

@@ -64,7 +64,7 @@ import yaml
 
 from qirl.data import PromptRecord, atomic_write_text, write_jsonl
 from qirl.errors import UserError
-from qirl.models.policy import FlowPolicy, image_size
+from qirl.models.policy import FlowPolicy
 from qirl.models.registry import PolicyOptions, load_policy
 from qirl.rewards.base import RewardRecord
 from qirl.rewards.composite import CompositeConfig, CompositeReward, RewardSpec
@@ -254,7 +254,7 @@ def _score_groups(
     """Yield (prompts done, rewards [b, G, K]) batch by batch."""
     s = recipe.sampling
     g = s.group_size
-    size = image_size(policy)
+    size = policy.image_size
     sources = [record_source(r, size) for r in records]  # validate every source before any work
     shape = tuple(policy.latent_shape)
     for start in range(0, len(records), s.batch_prompts):

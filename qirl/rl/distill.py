@@ -67,14 +67,24 @@ from torch import Tensor
 
 from qirl import ops
 from qirl.data import PromptRecord
-from qirl.distributed import DistributedConfig, init_world, sync_gradients
+from qirl.distributed import DistributedConfig, sync_gradients
 from qirl.errors import UserError
-from qirl.models.policy import Condition, FlowPolicy, image_size
+from qirl.models.policy import Condition, FlowPolicy
 from qirl.models.registry import PolicyOptions, load_policy
-from qirl.rl.common import TrainState, ema_weights, export_policy, lr_at, step_noises
+from qirl.rl.common import (
+    TrainRun,
+    TrainState,
+    ema_weights,
+    export_policy,
+    lr_at,
+    micro_batches,
+    start_run,
+    step_noises,
+    validate_common,
+)
 from qirl.rl.heldout import HeldoutConfig, heldout_eval, heldout_sets
 from qirl.rl.prompts import PromptSource
-from qirl.runlog import checkpoint_to_resume, open_metrics
+from qirl.runlog import open_metrics
 from qirl.samples import record_source
 from qirl.sampling import guided_velocity, sample_ode, sample_sde, timesteps
 
@@ -131,17 +141,6 @@ class DistillTrain:
 
 
 @dataclass
-class DistillRun:
-    out_dir: str = "runs/distill"
-    seed: int = 0
-    log_every: int = 1
-    checkpoint_every: int = 10
-    keep_checkpoints: int = 2
-    tensorboard: bool = True  # also write <out_dir>/tb when tensorboard is installed
-    checkpoint_format: str = "full"  # full: one safetensors set (rank 0 gathers) | sharded: per-rank DCP shards
-
-
-@dataclass
 class DistillRecipe:
     student: str = "base"  # policy spec for `load_policy` (the student's initialisation)
     policy: PolicyOptions = field(default_factory=PolicyOptions)  # how student and teachers load
@@ -151,7 +150,7 @@ class DistillRecipe:
     rollout: DistillRollout = field(default_factory=DistillRollout)
     train: DistillTrain = field(default_factory=DistillTrain)
     eval: HeldoutConfig = field(default_factory=_default_eval)
-    run: DistillRun = field(default_factory=DistillRun)
+    run: TrainRun = field(default_factory=lambda: TrainRun(out_dir="runs/distill"))
     distributed: DistributedConfig = field(default_factory=DistributedConfig)  # torchrun runs only
 
 
@@ -185,11 +184,6 @@ def select_teachers(recipe: DistillRecipe, spec: str | None) -> DistillRecipe:
 def validate(recipe: DistillRecipe, world_size: int = 1) -> None:
     """UserError naming the key for every setting a run cannot use (on ``world_size`` processes)."""
     r, t, tt = recipe.rollout, recipe.train, recipe.teacher
-    recipe.distributed.validate()
-    if t.prompts_per_iter % world_size:
-        raise UserError(
-            f"train.prompts_per_iter={t.prompts_per_iter} must be divisible by the number of processes ({world_size})"
-        )
     if not recipe.teachers:
         raise UserError(
             "teachers: no teacher given (e.g. teachers: {t2i: runs/grpo_t2i, edit: runs/grpo_edit})"
@@ -226,12 +220,7 @@ def validate(recipe: DistillRecipe, world_size: int = 1) -> None:
         raise UserError(f"train.lora_rank must be >= 0, got {t.lora_rank}")
     if not 0.0 <= t.ema_decay < 1.0:
         raise UserError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
-    if recipe.run.checkpoint_format not in ("full", "sharded"):
-        raise UserError(f"run.checkpoint_format must be full or sharded, got {recipe.run.checkpoint_format!r}")
-    if recipe.run.checkpoint_every < 1 or recipe.run.log_every < 1:
-        raise UserError("run.checkpoint_every and run.log_every must be >= 1")
-    if recipe.eval.every < 0 or recipe.eval.n < 0 or recipe.eval.grid < 0:
-        raise UserError("eval.every, eval.n and eval.grid must be >= 0")
+    validate_common(recipe, world_size)
 
 
 def steps_per_traj(recipe: DistillRecipe) -> int:
@@ -393,11 +382,7 @@ def distill(recipe: DistillRecipe, resume: bool = False) -> Iterator[dict[str, A
     """Run on-policy distillation; yield a metrics dict every `log_every` iterations (and eval rows),
     then a `done` summary."""
     validate(recipe)
-    world = init_world(recipe.distributed)
-    mine = world.rows(recipe.train.prompts_per_iter, "train.prompts_per_iter")  # this rank's rows
-    out = Path(recipe.run.out_dir)
-    existing = checkpoint_to_resume(out, resume)
-    world.barrier()  # every rank has looked at out_dir before rank 0 writes into it
+    world, mine, out, existing = start_run(recipe, resume)  # mine: this rank's trajectories
     r, tr = recipe.rollout, recipe.train
     prompts_src = PromptSource(recipe.data.prompts, recipe.data.edit_fraction)
     teachers = load_teachers(recipe, prompts_src.tasks)
@@ -406,17 +391,14 @@ def distill(recipe: DistillRecipe, resume: bool = False) -> Iterator[dict[str, A
     torch.manual_seed(recipe.run.seed)
     student = load_policy(recipe.student, options=recipe.policy)
     student.eval()  # no dropout: the student and teacher velocities are compared as deployed
-    state = TrainState.create(student, tr, recipe.run.seed, world, recipe.distributed)
-    state.check_tasks(prompts_src.tasks)
-    if existing is not None:
-        state.restore(existing, student)
+    state = TrainState.create(student, tr, recipe.run.seed, world, recipe.distributed, prompts_src.tasks, existing)
     named, ema, opt, rng, gen, view = state.named, state.ema, state.opt, state.rng, state.gen, state.view
     iteration = state.iteration
     resumed_at = iteration if existing is not None else None
     log = open_metrics(out, recipe, resumed_at, recipe.run.tensorboard, world.is_main)
 
     def checkpoint() -> Path:
-        return state.save(out, iteration, recipe, recipe.run.keep_checkpoints, recipe.run.checkpoint_format == "sharded")
+        return state.save(out, iteration, recipe)
 
     def evaluate(step: int) -> dict[str, float]:
         grid = out / "grids" / f"step_{step:05d}" if world.is_main else None
@@ -427,9 +409,9 @@ def distill(recipe: DistillRecipe, resume: bool = False) -> Iterator[dict[str, A
     lo, hi = mine.start, mine.stop
     B_local = hi - lo
     nfe_iter = nfe_per_iteration(recipe)
-    img_size = image_size(student)  # edit sources are rendered at the decoder's size
-    global_chunks = [(a, min(a + M, B)) for a in range(0, B, M)]
-    chunks = [(a, min(a + M, B_local)) for a in range(0, B_local, M)]  # this rank's micro-batches
+    img_size = student.image_size  # edit sources are rendered at the decoder's size
+    global_chunks = micro_batches(B, M)
+    chunks = micro_batches(B_local, M)  # this rank's micro-batches
     grid_t = timesteps(N, r.shift)  # [N + 1]
     start_iteration = iteration
     t_start = time.perf_counter()

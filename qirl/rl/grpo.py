@@ -51,17 +51,26 @@ import torch
 from torch import Tensor
 
 from qirl import ops
-from qirl.distributed import DistributedConfig, init_world, sync_gradients
+from qirl.distributed import DistributedConfig, sync_gradients
 from qirl.errors import UserError
-from qirl.models.policy import image_size
 from qirl.models.registry import PolicyOptions, load_policy
 from qirl.rewards.base import RewardRecord
 from qirl.rewards.composite import CompositeConfig, CompositeReward, RewardSpec
 from qirl.rewards.service import RewardService
-from qirl.rl.common import TrainState, ema_weights, export_policy, lr_at, step_noises
+from qirl.rl.common import (
+    TrainRun,
+    TrainState,
+    ema_weights,
+    export_policy,
+    lr_at,
+    micro_batches,
+    start_run,
+    step_noises,
+    validate_common,
+)
 from qirl.rl.heldout import HeldoutConfig, heldout_eval, heldout_sets
 from qirl.rl.prompts import PromptSource
-from qirl.runlog import checkpoint_to_resume, open_metrics
+from qirl.runlog import open_metrics
 from qirl.samples import record_source
 from qirl.sampling import CFG_MODES, sample_sde, sde_kl_factor, trajectory_logprob
 
@@ -122,17 +131,6 @@ class GrpoTrain:
 
 
 @dataclass
-class GrpoRun:
-    out_dir: str = "runs/grpo"
-    seed: int = 0
-    log_every: int = 1
-    checkpoint_every: int = 10
-    keep_checkpoints: int = 2
-    tensorboard: bool = True  # also write <out_dir>/tb when tensorboard is installed
-    checkpoint_format: str = "full"  # full: one safetensors set (rank 0 gathers) | sharded: per-rank DCP shards
-
-
-@dataclass
 class GrpoRecipe:
     model: str = "base"  # policy spec for `load_policy` (also the frozen KL reference)
     policy: PolicyOptions = field(default_factory=PolicyOptions)  # device, dtype, resolution, ...
@@ -141,7 +139,7 @@ class GrpoRecipe:
     sampling: GrpoSampling = field(default_factory=GrpoSampling)
     train: GrpoTrain = field(default_factory=GrpoTrain)
     eval: HeldoutConfig = field(default_factory=HeldoutConfig)
-    run: GrpoRun = field(default_factory=GrpoRun)
+    run: TrainRun = field(default_factory=lambda: TrainRun(out_dir="runs/grpo"))
     distributed: DistributedConfig = field(default_factory=DistributedConfig)  # torchrun runs only
 
 
@@ -154,11 +152,6 @@ ADVANTAGES = ("per_reward", "combined")
 def validate(recipe: GrpoRecipe, world_size: int = 1) -> None:
     """UserError naming the key for every setting a run cannot use (on ``world_size`` processes)."""
     s, t = recipe.sampling, recipe.train
-    recipe.distributed.validate()
-    if t.prompts_per_iter % world_size:
-        raise UserError(
-            f"train.prompts_per_iter={t.prompts_per_iter} must be divisible by the number of processes ({world_size})"
-        )
     if s.cfg_mode not in CFG_MODES:
         raise UserError(f"sampling.cfg_mode must be one of {', '.join(CFG_MODES)}, got {s.cfg_mode!r}")
     if s.num_steps < 1:
@@ -194,12 +187,7 @@ def validate(recipe: GrpoRecipe, world_size: int = 1) -> None:
         raise UserError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
     if t.reward_workers < 1:
         raise UserError(f"train.reward_workers must be >= 1, got {t.reward_workers}")
-    if recipe.run.checkpoint_format not in ("full", "sharded"):
-        raise UserError(f"run.checkpoint_format must be full or sharded, got {recipe.run.checkpoint_format!r}")
-    if recipe.run.checkpoint_every < 1 or recipe.run.log_every < 1:
-        raise UserError("run.checkpoint_every and run.log_every must be >= 1")
-    if recipe.eval.every < 0 or recipe.eval.n < 0 or recipe.eval.grid < 0:
-        raise UserError("eval.every, eval.n and eval.grid must be >= 0")
+    validate_common(recipe, world_size)
 
 
 def nfe_per_iteration(recipe: GrpoRecipe) -> int:
@@ -259,12 +247,8 @@ def _stats(values: list[Tensor]) -> Tensor:
 def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
     """Run GRPO; yield a metrics dict every `log_every` iterations (and eval rows), then `done`."""
     validate(recipe)
-    world = init_world(recipe.distributed)
+    world, mine, out, existing = start_run(recipe, resume)  # mine: this rank's prompts, whole groups
     P, G, M = recipe.train.prompts_per_iter, recipe.train.group_size, recipe.train.micro_batch
-    mine = world.rows(P, "train.prompts_per_iter")  # this rank's prompts: whole groups
-    out = Path(recipe.run.out_dir)
-    existing = checkpoint_to_resume(out, resume)
-    world.barrier()  # every rank has looked at out_dir before rank 0 writes into it
     s, tr = recipe.sampling, recipe.train
     composite = CompositeReward.from_config(recipe.rewards)
     names = composite.names
@@ -278,17 +262,14 @@ def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
     if tr.kl_coef > 0:
         reference = copy.deepcopy(policy)
         reference.requires_grad_(False)
-    state = TrainState.create(policy, tr, recipe.run.seed, world, recipe.distributed)
-    state.check_tasks(prompts_src.tasks)
-    if existing is not None:
-        state.restore(existing, policy)
+    state = TrainState.create(policy, tr, recipe.run.seed, world, recipe.distributed, prompts_src.tasks, existing)
     named, ema, opt, rng, gen, view = state.named, state.ema, state.opt, state.rng, state.gen, state.view
     iteration = state.iteration
     resumed_at = iteration if existing is not None else None
     log = open_metrics(out, recipe, resumed_at, recipe.run.tensorboard, world.is_main)
 
     def checkpoint() -> Path:
-        return state.save(out, iteration, recipe, recipe.run.keep_checkpoints, recipe.run.checkpoint_format == "sharded")
+        return state.save(out, iteration, recipe)
 
     def evaluate(step: int) -> dict[str, float]:
         grid = out / "grids" / f"step_{step:05d}" if world.is_main else None
@@ -298,9 +279,9 @@ def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
     B = P * G  # global rows; this rank's are rows[lo:hi]
     lo, hi = mine.start * G, mine.stop * G
     B_local = hi - lo
-    img_size = image_size(policy)  # edit sources are rendered at the decoder's size
-    global_chunks = [(a, min(a + M, B)) for a in range(0, B, M)]
-    chunks = [(a, min(a + M, B_local)) for a in range(0, B_local, M)]  # this rank's micro-batches
+    img_size = policy.image_size  # edit sources are rendered at the decoder's size
+    global_chunks = micro_batches(B, M)
+    chunks = micro_batches(B_local, M)  # this rank's micro-batches
     service = RewardService(dict(zip(names, composite.rewards, strict=True)), workers=tr.reward_workers)
     start_iteration = iteration
     t_start = time.perf_counter()

@@ -18,7 +18,6 @@ import torch
 
 from qirl.data import PromptRecord, make_grid, save_image_atomic
 from qirl.errors import UserError
-from qirl.models.policy import image_size
 from qirl.samples import image_noise, record_source, resolve_prompts
 from qirl.sampling import sample_ode
 from qirl.shapes import aggregate, aggregate_edits, score_edit, score_t2i
@@ -60,7 +59,7 @@ def heldout_eval(
     are saved as ``<grid_path>_<task>.png`` (edit grids interleave source and output).
     """
     out: dict[str, float] = {}
-    size = image_size(policy)
+    size = policy.image_size
     for task, records in sets.items():
         sources = [record_source(r, size) for r in records]
         cond = policy.encode([r.prompt for r in records], sources if task == "edit" else None)

@@ -115,18 +115,17 @@ def _backend(vocab: dict[str, int]) -> Tokenizer:
     return tok
 
 
-def wrap(backend: Tokenizer) -> PreTrainedTokenizerFast:
-    """A transformers tokenizer over a `tokenizers` backend, with Qwen's pad/eos conventions."""
-    tok = PreTrainedTokenizerFast(
+def wrap(backend: Tokenizer, padding_side: str = "left", model_max_length: int = 1024) -> PreTrainedTokenizerFast:
+    """A transformers tokenizer over a `tokenizers` backend, with Qwen's pad/eos/image-token conventions."""
+    return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         unk_token=UNK,
         pad_token=PAD,
         eos_token=IM_END,
         extra_special_tokens={"image_token": IMAGE_PAD, "video_token": VIDEO_PAD},
-        padding_side="left",
-        model_max_length=1024,
+        padding_side=padding_side,
+        model_max_length=model_max_length,
     )
-    return tok
 
 
 def build_tokenizer(corpus_size: int = 4000, seed: int = 0) -> PreTrainedTokenizerFast:
