@@ -7,6 +7,8 @@ renamed into place at the end, so an interrupted run never leaves a half-written
 
 from __future__ import annotations
 
+import functools
+import json
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -33,27 +35,63 @@ from qirl.sampling import sample_ode
 from qirl.shapes import random_edit_record, random_t2i_record, render_batch
 from qirl.shapes.scene import Scene
 
-# Built-in prompt sets: fixed seeds, so every user and every run sees the same prompts. Held-out sets
-# use seeds the pretraining never draws from and include the creative split (unseen combinations).
+# Built-in prompt sets: fixed seeds, so every user and every run sees the same prompts. Held-out and
+# validation sets use seeds the pretraining never draws from and include the creative split (unseen
+# combinations). `val-*` is for training-time evaluation, recipe tuning and ablations; `heldout-*` only
+# for the final figures in docs, so a recipe tuned on one is measured on prompts it never saw.
 BUILTIN_SETS = {
     "demo": ("mixed", 16, 11),
     "heldout-t2i": ("t2i", 96, 1_000_001),
     "heldout-edit": ("edit", 48, 1_000_002),
+    "val-t2i": ("t2i", 96, 2_000_001),
+    "val-edit": ("edit", 48, 2_000_002),
 }
+# A validation record never repeats a held-out record or one of the first `VAL_EXCLUDED_POOL` records of
+# a generated training pool (same prompt text for T2I; same instruction and source scene for an edit).
+VAL_EXCLUDED_POOL = 1024
+
+
+def _draw_set(kind: str, n: int, seed: int, excluded: frozenset[str] = frozenset()) -> list[dict]:
+    """``n`` records from ``seed``; a draw whose `_identity` is in ``excluded`` is skipped (drawn again)."""
+    rng = np.random.default_rng(seed)
+    rows: list[dict] = []
+    while len(rows) < n:
+        i = len(rows)
+        task = kind if kind != "mixed" else ("edit" if i % 4 == 3 else "t2i")
+        split = "creative" if i % 6 == 5 else "train"
+        row = random_t2i_record(rng, split=split) if task == "t2i" else random_edit_record(rng, split="train")
+        if _identity(row) not in excluded:
+            rows.append(row)
+    return rows
+
+
+def _identity(row: dict | PromptRecord) -> str:
+    """What makes two prompt records the same task: the T2I prompt, or the instruction and its source."""
+    if isinstance(row, PromptRecord):
+        row = row.to_json()
+    if row.get("task") == "edit":
+        return f"edit|{row['prompt']}|{json.dumps(row.get('source_scene'), sort_keys=True)}"
+    return f"t2i|{row['prompt']}"
+
+
+@functools.cache
+def _val_excluded() -> frozenset[str]:
+    """Identities a validation set must not repeat: the held-out sets and the pools' first records."""
+    return frozenset(
+        _identity(r)
+        for r in (
+            *builtin_prompts("heldout-t2i"),
+            *builtin_prompts("heldout-edit"),
+            *generated_pool("shapes-t2i", VAL_EXCLUDED_POOL),
+            *generated_pool("shapes-edit", VAL_EXCLUDED_POOL),
+        )
+    )
 
 
 def builtin_prompts(name: str) -> list[PromptRecord]:
     """A named built-in prompt set (see `BUILTIN_SETS`)."""
     kind, n, seed = BUILTIN_SETS[name]
-    rng = np.random.default_rng(seed)
-    rows = []
-    for i in range(n):
-        task = kind if kind != "mixed" else ("edit" if i % 4 == 3 else "t2i")
-        split = "creative" if i % 6 == 5 else "train"
-        if task == "t2i":
-            rows.append(random_t2i_record(rng, split=split))
-        else:
-            rows.append(random_edit_record(rng, split="train"))
+    rows = _draw_set(kind, n, seed, _val_excluded() if name.startswith("val-") else frozenset())
     return [record_from_dict({**row, "id": f"{name}-{i:04d}"}, f"{name}[{i}]") for i, row in enumerate(rows)]
 
 

@@ -44,13 +44,25 @@ def test_sample_then_score_the_shipped_base(tmp_path):
 
 
 def test_sample_is_deterministic_and_batch_independent(tmp_path):
+    """Same batch size: identical PNG bytes. Other batch size: each pixel within one 8-bit level.
+
+    Each image's initial noise depends only on its index (`image_noise`), so batching does not change
+    what is computed, only how BLAS blocks the matrix products; float32 sums in another order differ
+    in the last bits, and a value that sits on a rounding boundary of the 8-bit PNG can move by one
+    level. Exact equality across batch sizes held with some BLAS thread counts and not others.
+    """
+    import numpy as np
+    from PIL import Image
+
     args = ["sample", "--prompts", "demo", "--limit", "3", "--steps", "3", "--quiet"]
-    assert runner.invoke(app, args + ["--out", str(tmp_path / "a"), "--batch-size", "3"]).exit_code == 0
-    assert runner.invoke(app, args + ["--out", str(tmp_path / "b"), "--batch-size", "1"]).exit_code == 0
+    for name, batch in (("a", "3"), ("a2", "3"), ("b", "1")):
+        assert runner.invoke(app, args + ["--out", str(tmp_path / name), "--batch-size", batch]).exit_code == 0
     for i in range(3):
-        a = (tmp_path / "a" / "images" / f"{i:04d}.png").read_bytes()
-        b = (tmp_path / "b" / "images" / f"{i:04d}.png").read_bytes()
-        assert a == b
+        png = [tmp_path / name / "images" / f"{i:04d}.png" for name in ("a", "a2", "b")]
+        assert png[0].read_bytes() == png[1].read_bytes()
+        a, b = (np.asarray(Image.open(p), dtype=np.int16) for p in (png[0], png[2]))
+        assert np.abs(a - b).max() <= 1
+        assert (a != b).mean() < 0.01  # a few boundary pixels, not a different image
 
 
 @pytest.mark.parametrize(

@@ -178,3 +178,18 @@ def test_recipe_include_merges_under_the_section(tmp_path):
     (tmp_path / "loop.yaml").write_text("include: loop.yaml\n")
     with pytest.raises(UserError, match="include cycle"):
         load_recipe(GrpoRecipe, tmp_path / "loop.yaml")
+
+
+def test_validation_sets_are_fixed_and_disjoint_from_heldout_and_training_pools():
+    from qirl.samples import VAL_EXCLUDED_POOL, _identity, builtin_prompts, generated_pool
+
+    for task in ("t2i", "edit"):
+        val = builtin_prompts(f"val-{task}")
+        assert val == builtin_prompts(f"val-{task}")  # fixed seeds
+        assert {r.task for r in val} == {task}
+        assert len({_identity(r) for r in val}) > 0.9 * len(val)
+        seen = {_identity(r) for r in builtin_prompts(f"heldout-{task}")}
+        seen |= {_identity(r) for r in generated_pool(f"shapes-{task}", VAL_EXCLUDED_POOL)}
+        assert not seen & {_identity(r) for r in val}
+    categories = {r.category for r in builtin_prompts("val-t2i")}
+    assert categories == {r.category for r in builtin_prompts("heldout-t2i")}  # every pillar is measured

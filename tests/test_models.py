@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -257,6 +258,28 @@ class TestTinyDiT:
         assert not torch.allclose(model.velocity(x, t, mixed)[0], model.velocity(x, t, other)[0])
         # scalar t broadcasts
         assert model.velocity(x, torch.tensor(0.5), t2i).shape == x.shape
+
+    @pytest.mark.parametrize("conditioning", ["channel", "sequence"])
+    def test_mixed_batch_equals_rows_one_by_one(self, tokenizer, conditioning: str) -> None:  # noqa: ANN001
+        """Either edit conditioning: a mixed T2I + edit batch gives each row what it gives alone, the
+        source reaches only the edit rows, and gradients reach the source projection."""
+        model = make_model(tokenizer, replace(SMALL, edit_conditioning=conditioning))
+        src = images(2)
+        prompts, sources = ["make the red circle green", "a red circle", "remove the square"], [src[0], None, src[1]]
+        x, t = torch.randn(3, 3, 32, 32), torch.rand(3)
+        v = model.velocity(x, t, model.encode(prompts, sources))  # [3, 3, 32, 32]
+        for i in range(3):
+            alone = model.velocity(x[i : i + 1], t[i : i + 1], model.encode([prompts[i]], [sources[i]]))
+            torch.testing.assert_close(alone, v[i : i + 1], atol=1e-5, rtol=1e-5)
+        other = model.velocity(x, t, model.encode(prompts, [images(1, seed=9)[0], None, src[1]]))
+        assert not torch.allclose(other[0], v[0]) and torch.allclose(other[1:], v[1:], atol=1e-6)
+        v[0].sum().backward()
+        source_proj = model.source_embed if conditioning == "sequence" else model.patch_embed
+        assert source_proj.weight.grad is not None and source_proj.weight.grad.abs().sum() > 0
+
+    def test_unknown_edit_conditioning_is_user_error(self, tokenizer) -> None:  # noqa: ANN001
+        with pytest.raises(UserError, match="edit_conditioning"):
+            TinyDiTConfig.from_dict({"edit_conditioning": "film"})
 
     def test_null_condition_keeps_source(self, tokenizer) -> None:  # noqa: ANN001
         model = make_model(tokenizer)

@@ -102,6 +102,26 @@ def summarise(
     return out
 
 
+def category_summary(
+    scores: Sequence[ImageScore], jobs: Sequence[tuple[int, int]], records: Sequence[PromptRecord]
+) -> dict[str, Any]:
+    """Mean overall per prompt category and, for T2I, the single-object shape accuracy: the share of
+    images of "single" prompts (one requested object) whose Alignment shape item is fully met (2 ->
+    100), i.e. the oracle detects the requested shape."""
+    by: dict[str, list[float]] = {}
+    single: list[bool] = []
+    for (i, _), sc in zip(jobs, scores, strict=True):
+        category = records[i].category or "none"
+        by.setdefault(category, []).append(sc.overall)
+        shape = sc.subdims.get("Alignment", {}).get("shape")
+        if category == "single" and shape is not None:
+            single.append(shape == 100)
+    out: dict[str, Any] = {"categories": {c: _round(float(np.nanmean(v))) for c, v in sorted(by.items())}}
+    if single:
+        out["single_shape_accuracy"] = _round(100 * float(np.mean(single)))
+    return out
+
+
 def _score_batches(
     policy: FlowPolicy,
     records: Sequence[PromptRecord],
@@ -143,7 +163,7 @@ def bench_policy(
     scores: list[ImageScore] = []
     for *_, batch in _score_batches(policy, records, jobs, sampling or Sampling(), judge, batch_size):
         scores += batch
-    return {"task": task, **summarise(scores, jobs, judge.pillars(task), n_boot)}
+    return {"task": task, **summarise(scores, jobs, judge.pillars(task), n_boot), **category_summary(scores, jobs, records)}
 
 
 def sample_grid(task: str, images: list[torch.Tensor], sources: list[torch.Tensor | None]) -> torch.Tensor:
@@ -210,7 +230,9 @@ def run_bench(
                     scores += batch
                     done += len(batch)
                     yield {"step": done, "total": total, "model": spec.label, "task": task}
-                results.setdefault(spec.label, {})[task] = summarise(scores, jobs, judge_.pillars(task), n_boot)
+                results.setdefault(spec.label, {})[task] = {
+                    **summarise(scores, jobs, judge_.pillars(task), n_boot), **category_summary(scores, jobs, records)
+                }
                 name = f"grids/{slug(spec.label)}_{task}.png"
                 order = sorted(shown)
                 save_image_atomic(sample_grid(task, [shown[i][0] for i in order], [shown[i][1] for i in order]), tmp / name)
@@ -243,4 +265,7 @@ def flat_summary(summary: dict[str, Any]) -> dict[str, Any]:
             lo, hi = r["overall_ci"]
             flat[f"{label} {task} overall"] = f"{r['overall']:.1f} [{lo:.1f}, {hi:.1f}]"
             flat[f"{label} {task} pillars"] = {p: "n/a" if v is None else round(v, 1) for p, v in r["pillars"].items()}
+            flat[f"{label} {task} categories"] = r.get("categories", {})
+            if "single_shape_accuracy" in r:
+                flat[f"{label} {task} single-object shape accuracy"] = r["single_shape_accuracy"]
     return flat

@@ -2,9 +2,16 @@
 
 Architecture (DiT, Peebles & Xie 2023, with SD3/FLUX-style text handling):
 - Latents are pixels scaled to [-1, 1]: ``z = 2 x - 1`` (no VAE; 32x32 is already small).
-- Editing by channel concatenation (InstructPix2Pix, Brooks et al. 2023): the network sees
-  ``[x_t ; z_src]`` (2C channels). Text-to-image rows see ``[x_t ; 0]`` and a learned task embedding
-  (t2i vs edit) tells the two apart, so one set of weights serves both tasks and mixed batches.
+- Edit conditioning, ``edit_conditioning`` in the config:
+  - ``channel`` (InstructPix2Pix, Brooks et al. 2023): the network sees ``[x_t ; z_src]`` (2C channels);
+    text-to-image rows see ``[x_t ; 0]``.
+  - ``sequence`` (Qwen-Image-Edit, Wu et al. 2025): the source is patchified by its own projection and
+    its tokens are appended to the sequence, ``[text ; x_t ; src]``, at the same 2-D positions as the
+    target plus a "source" type embedding, so attention can copy a patch from where it is or move it.
+    Text-to-image rows of a mixed batch mask their (zero) source tokens out; a batch with no edit row
+    runs without them, so T2I RL pays nothing for it.
+  In both, a learned task embedding (t2i vs edit) tells the two tasks apart, so one set of weights
+  serves both tasks and mixed batches.
 - Patchify (p x p patches -> tokens) + fixed 2-D sin-cos positions.
 - Text conditioning by single-stream joint attention over ``[text tokens ; image tokens]`` (the
   MMDiT idea of SD3 / FLUX single blocks, with shared weights). Chosen over cross-attention because
@@ -48,6 +55,7 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 TOKENIZER_NAME = "tokenizer.json"
 _TIME_FREQ_DIM = 256
+EDIT_CONDITIONING = ("channel", "sequence")
 
 
 @dataclass
@@ -73,12 +81,15 @@ class TinyDiTConfig:
     text_heads: int = 4
     max_text_len: int = 32
     vocab_size: int | None = None
+    edit_conditioning: str = "channel"  # channel | sequence (see the module docstring)
 
     def validate(self) -> None:
         """Raise ValueError on a shape that cannot be built (callers turn it into a UserError)."""
+        if self.edit_conditioning not in EDIT_CONDITIONING:
+            raise ValueError(f"edit_conditioning must be one of {', '.join(EDIT_CONDITIONING)}, got {self.edit_conditioning!r}")
         for f in fields(self):
             value = getattr(self, f.name)
-            if value is not None and value <= 0:
+            if isinstance(value, (int, float)) and value <= 0:
                 raise ValueError(f"{f.name} must be positive, got {value}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
@@ -154,15 +165,19 @@ class TinyDiT(nn.Module):
         self.tokenizer = tokenizer
         c, p = config, config.patch_size
         self.grid = c.image_size // p
-        patch_in = 2 * c.channels * p * p  # x_t and source latents, channel-concatenated
         patch_out = c.channels * p * p
+        self.sequence_source = c.edit_conditioning == "sequence"
+        # channel: x_t and source latents concatenated per patch; sequence: x_t only, the source has its own
+        patch_in = patch_out if self.sequence_source else 2 * patch_out
 
         self.text_encoder = TextEncoder(
             vocab, c.text_dim, c.text_depth, c.text_heads, c.max_text_len, c.mlp_ratio
         )
         self.patch_embed = nn.Linear(patch_in, c.dim)
+        self.source_embed = nn.Linear(patch_out, c.dim) if self.sequence_source else None
         self.text_proj = nn.Linear(c.text_dim, c.dim)
-        self.type_embed = nn.Parameter(torch.zeros(2, c.dim))  # row 0: text token, row 1: image token
+        # row 0: text token, row 1: image token, row 2: source-image token (sequence conditioning only)
+        self.type_embed = nn.Parameter(torch.zeros(3 if self.sequence_source else 2, c.dim))
         self.register_buffer("pos_embed", sincos_2d(self.grid, self.grid, c.dim), persistent=False)
         self.time_embed = nn.Sequential(nn.Linear(_TIME_FREQ_DIM, c.dim), nn.SiLU(), nn.Linear(c.dim, c.dim))
         self.pooled_proj = nn.Linear(c.text_dim, c.dim)
@@ -280,26 +295,49 @@ class TinyDiT(nn.Module):
         b = check_velocity_inputs(x_t, cond, self.latent_shape)
         if cond.pooled is None:
             raise ValueError("TinyDiT needs cond.pooled (use TinyDiT.encode)")
-        dtype = self.dtype
         t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(b)  # [B]
-        x = x_t.to(dtype)  # [B, C, H, W]
-        src = torch.zeros_like(x) if cond.source is None else cond.source.to(dtype)  # [B, C, H, W]
+        n_edit = int(cond.is_edit.sum())
+        if self.sequence_source and cond.source is not None and 0 < n_edit < b:
+            # A mixed batch: T2I rows run without source tokens (a third shorter sequence), edit rows with.
+            rows = [cond.is_edit.nonzero().squeeze(1), (~cond.is_edit).nonzero().squeeze(1)]  # [E], [B - E]
+            parts = [
+                self._forward(x_t[r], t[r], replace(cond.index(r), source=None if k else cond.source[r]))
+                for k, r in enumerate(rows)
+            ]  # [E, C, H, W], [B - E, C, H, W]
+            return torch.cat(parts)[torch.argsort(torch.cat(rows))]  # [B, C, H, W] in the input's order
+        if self.sequence_source and n_edit == 0 and cond.source is not None:
+            cond = replace(cond, source=None)  # T2I rows only: no source tokens to attend to
+        return self._forward(x_t, t, cond)
 
-        img = self.patch_embed(self._patchify(torch.cat([x, src], dim=1)))  # [B, N, D]
-        img = img + self.pos_embed.to(dtype) + self.type_embed[1]  # [B, N, D]
+    def _forward(self, x_t: Tensor, t: Tensor, cond: Condition) -> Tensor:
+        """The velocity; t [B]. With sequence conditioning, either every row is an edit or none is."""
+        b = x_t.shape[0]
+        dtype = self.dtype
+        x = x_t.to(dtype)  # [B, C, H, W]
+        pos = self.pos_embed.to(dtype)  # [N, D]
         txt = self.text_proj(cond.text.to(dtype)) + self.type_embed[0]  # [B, Lt, D]
-        tokens = torch.cat([txt, img], dim=1)  # [B, Lt + N, D]
+        n_txt = txt.shape[1]
+        if self.sequence_source:
+            parts = [txt, self.patch_embed(self._patchify(x)) + pos + self.type_embed[1]]  # + [B, N, D]
+            if cond.source is not None:  # `forward` passes a source only to batches of edit rows
+                src = self.source_embed(self._patchify(cond.source.to(dtype)))  # [B, N, D]
+                parts.append(src + pos + self.type_embed[2])
+        else:
+            src = torch.zeros_like(x) if cond.source is None else cond.source.to(dtype)  # [B, C, H, W]
+            img = self.patch_embed(self._patchify(torch.cat([x, src], dim=1)))  # [B, N, D]
+            parts = [txt, img + pos + self.type_embed[1]]
+        tokens = torch.cat(parts, dim=1)  # [B, Lt + N (+ N), D]
         mask = None
         if cond.key_padding_mask is not None:
-            img_mask = torch.zeros(b, img.shape[1], dtype=torch.bool, device=x.device)  # [B, N]
-            mask = torch.cat([cond.key_padding_mask, img_mask], dim=1)  # [B, Lt + N]
+            img_mask = torch.zeros(b, tokens.shape[1] - n_txt, dtype=torch.bool, device=x.device)  # [B, N (+ N)]
+            mask = torch.cat([cond.key_padding_mask, img_mask], dim=1)  # [B, Lt + N (+ N)]
 
         c = self.time_embed(timestep_embedding(1000.0 * t, _TIME_FREQ_DIM).to(dtype))  # [B, D]
         c = c + self.pooled_proj(cond.pooled.to(dtype)) + self.task_embed(cond.is_edit.long())  # [B, D]
         for block in self.blocks:
             tokens = block(tokens, c, mask)  # [B, Lt + N, D]
 
-        img = tokens[:, txt.shape[1] :]  # [B, N, D]
+        img = tokens[:, n_txt : n_txt + self.grid * self.grid]  # [B, N, D]
         shift, scale = self.final_ada(nn.functional.silu(c)).chunk(2, dim=-1)  # [B, D]
         out = self.out(modulate(self.final_norm(img), shift, scale))  # [B, N, p*p*C]
         return self._unpatchify(out).to(x_t.dtype)  # [B, C, H, W]

@@ -100,7 +100,7 @@ def _default_teachers() -> dict[str, str]:
 
 
 def _default_eval() -> HeldoutConfig:
-    return HeldoutConfig(prompts="heldout-t2i,heldout-edit")
+    return HeldoutConfig(prompts="val-t2i,val-edit")
 
 
 @dataclass

@@ -446,7 +446,7 @@ def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
         "reward_faults": dict(service.faults),
         "train_seconds": round(time.perf_counter() - t_start, 1),
         "nfe": iteration * nfe_per_iteration(recipe),
-        **({"heldout_first": round(evals[min(evals)], 2), "heldout_last": round(evals[max(evals)], 2)} if evals else {}),
+        **({"eval_first": round(evals[min(evals)], 2), "eval_last": round(evals[max(evals)], 2)} if evals else {}),
         "model": str(final),
     }
 

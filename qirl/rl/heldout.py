@@ -1,8 +1,9 @@
-"""Held-out evaluation during RL: oracle scores and sample grids on fixed prompts (ODE, fixed noise).
+"""Evaluation during RL: oracle scores and sample grids on fixed prompts (ODE, fixed noise).
 
 The training reward can rise while what it stands for falls (reward hacking). Both trainers therefore
-score the policy's deterministic samples of fixed held-out prompts with the oracle every few
-iterations: T2I overall and pillars (`qirl.shapes.oracle.aggregate`, Qwen-Image-Bench style) and edit
+score the policy's deterministic samples of fixed prompts that training never draws with the oracle
+every few iterations. Recipes evaluate on the validation sets (`val-t2i`, `val-edit`), so that tuning
+against these curves leaves `heldout-*` unseen for the final figures in docs: T2I overall and pillars (`qirl.shapes.oracle.aggregate`, Qwen-Image-Bench style) and edit
 overall, success, preservation and quality (`aggregate_edits`). Noise is `image_noise(seed, i)`, so
 two evaluations differ only by the weights.
 """
@@ -26,7 +27,7 @@ from qirl.shapes import aggregate, aggregate_edits, score_edit, score_t2i
 @dataclass
 class HeldoutConfig:
     every: int = 10  # iterations between evaluations (0: never); also once before training
-    prompts: str = "heldout-t2i"  # a built-in set or JSONL; comma-separated for several (e.g. both tasks)
+    prompts: str = "val-t2i"  # a built-in set or JSONL; comma-separated for several (e.g. both tasks)
     n: int = 32  # first n prompts of each set
     num_steps: int = 10  # ODE steps
     guidance: float = 3.0
