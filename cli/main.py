@@ -221,7 +221,9 @@ def _composite(rewards: list[str] | None, recipe: Path | None):
     if recipe is not None:
         import yaml
 
-        raw = yaml.safe_load(recipe.read_text()) if recipe.is_file() else None
+        from qirl.files import read_text
+
+        raw = yaml.safe_load(read_text(recipe, "rewards recipe")) if recipe.is_file() else None
         if isinstance(raw, dict) and "rewards" in raw:
             # A whole training recipe: read only its rewards section.
             from omegaconf import OmegaConf

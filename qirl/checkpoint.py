@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from qirl.data import atomic_write_text, publish_mode
 from qirl.errors import UserError
+from qirl.files import read_json, read_text
 
 _TENSOR_REF = "__tensor__"
 
@@ -156,7 +157,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     pointer = root / "latest"
     if not pointer.is_file():
         return None
-    path = root / pointer.read_text().strip()
+    path = root / read_text(pointer, "checkpoint pointer").strip()
     if not path.is_dir():
         raise UserError(f"{pointer}: points to missing checkpoint {path.name}")
     return path
@@ -168,10 +169,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     state_file = path / "state.json"
     if not state_file.is_file():
         raise UserError(f"{path}: not a qirl checkpoint (no state.json)")
-    try:
-        state = json.loads(state_file.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{state_file}: corrupt checkpoint state ({err.msg})") from None
+    state = read_json(state_file, "checkpoint state")
     tensors = {}
     for group in state.get("groups", []):
         file = path / f"{group}.safetensors"

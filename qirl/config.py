@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from qirl.errors import UserError
+from qirl.files import read_text
 
 T = TypeVar("T")
 
@@ -32,11 +33,14 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{path}: recipe file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(read_text(path, "recipe"))
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
         raise UserError(f"{path}{where}: malformed YAML ({getattr(err, 'problem', err)})") from None
+    if data is None:
+        # An empty file would silently run every default (a full-length run nobody asked for).
+        raise UserError(f"{path}: empty recipe (no sections); copy one from recipes/ or give key=value overrides")
     if not isinstance(data, dict):
         raise UserError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
     return data

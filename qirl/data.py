@@ -21,6 +21,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from qirl.errors import UserError
+from qirl.files import read_text
 
 TASKS = ("t2i", "edit")
 
@@ -96,14 +97,13 @@ def read_json_lines(path: str | Path, what: str = "JSONL file") -> list[tuple[in
     if not path.is_file():
         raise UserError(f"{path}: {what} not found")
     rows = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((lineno, json.loads(line)))
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path}:{lineno}: malformed JSON ({err.msg})") from None
+    for lineno, line in enumerate(read_text(path, what).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((lineno, json.loads(line)))
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}:{lineno}: malformed JSON ({err.msg})") from None
     return rows
 
 

@@ -41,7 +41,10 @@ from qirl.shapes.scene import Scene
 
 @dataclass
 class PretrainData:
-    edit_fraction: float = 0.4  # share of edit triples in each batch
+    edit_fraction: float = 0.4  # share of edit triples
+    # "row": each row of a batch draws its task; "step": each step draws one task for its whole batch,
+    # so a model with sequence edit conditioning runs one full-batch forward a step instead of two halves
+    task_mix: str = "row"
     caption_dropout: float = 0.1  # CFG training: probability of the empty prompt
     vocab_samples: int = 20000  # records sampled to collect the tokenizer's vocabulary
 
@@ -88,8 +91,9 @@ def draw_batch(
     prompts: list[str] = []
     source_scenes: list[Scene | None] = []
     target_scenes: list[Scene] = []
+    step_is_edit = rng.random() < data.edit_fraction if data.task_mix == "step" else None
     for _ in range(batch_size):
-        if rng.random() < data.edit_fraction:
+        if (rng.random() < data.edit_fraction) if step_is_edit is None else step_is_edit:
             rec = random_edit_record(rng, split="train")
             source_scenes.append(Scene.from_dict(rec["source_scene"]))
             target_scenes.append(Scene.from_dict(rec["target_scene"]))
@@ -144,6 +148,8 @@ def pretrain(recipe: PretrainRecipe, resume: bool = False) -> Iterator[dict[str,
     """Run pretraining; yield metrics every `log_every` steps and a final summary (`done`)."""
     out = Path(recipe.run.out_dir)
     existing = checkpoint_to_resume(out, resume)
+    if recipe.data.task_mix not in ("row", "step"):
+        raise UserError(f"data.task_mix must be row or step, got {recipe.data.task_mix!r}")
     if recipe.train.timestep_sampling not in ("logit_normal", "uniform"):
         raise UserError(f"train.timestep_sampling must be logit_normal or uniform, got {recipe.train.timestep_sampling!r}")
     TinyDiTConfig.from_dict(asdict(recipe.model), "recipe model")  # validates: UserError naming the key

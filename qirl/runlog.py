@@ -10,6 +10,7 @@ from qirl.checkpoint import latest_checkpoint
 from qirl.config import dump_recipe
 from qirl.data import atomic_write_text
 from qirl.errors import UserError
+from qirl.files import read_text
 
 
 def append_metrics(path: Path, row: dict[str, Any]) -> None:
@@ -21,8 +22,17 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     """On resume, drop rows logged after the checkpoint so the curve continues without a fork."""
     if not path.is_file():
         return
-    rows = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= last_step]
-    atomic_write_text(path, "".join(r + "\n" for r in rows))
+    kept = []
+    for lineno, line in enumerate(read_text(path, "metrics log").splitlines(), start=1):
+        if not line:
+            continue
+        try:
+            step = json.loads(line).get("step", 0)
+        except (json.JSONDecodeError, AttributeError):
+            raise UserError(f"{path}:{lineno}: malformed metrics row (not a JSON object)") from None
+        if step <= last_step:
+            kept.append(line)
+    atomic_write_text(path, "".join(r + "\n" for r in kept))
 
 
 def checkpoint_to_resume(out: Path, resume: bool) -> Path | None:

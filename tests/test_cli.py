@@ -79,6 +79,12 @@ def test_sample_is_deterministic_and_batch_independent(tmp_path):
         ("small", ["sample", "--prompt", "make the circle red", "--source", "{tmp}/s.png", "--out", "{tmp}/o"], "must be 32x32"),
         (None, ["score", "images", "{tmp}"], "no samples.jsonl"),
         (None, ["score", "images", "{tmp}", "--reward", "nope"], "unknown reward"),
+        ("binjsonl", ["sample", "--prompts", "{tmp}/p.jsonl", "--out", "{tmp}/o"], "p.jsonl: prompt file is not UTF-8"),
+        ("utf16recipe", ["pretrain", "{tmp}/r.yaml"], "r.yaml: recipe is not UTF-8 text (UTF-16?)"),
+        ("utf16recipe", ["grpo", "{tmp}/r.yaml"], "r.yaml: recipe is not UTF-8"),
+        ("utf16recipe", ["distill", "{tmp}/r.yaml"], "r.yaml: recipe is not UTF-8"),
+        ("emptyrecipe", ["grpo", "{tmp}/r.yaml"], "r.yaml: empty recipe"),
+        ("emptyrecipe", ["pretrain", "{tmp}/r.yaml"], "r.yaml: empty recipe"),
     ],
 )
 def test_user_errors_are_one_line_exit_2(tmp_path, setup, args, needle):
@@ -90,6 +96,12 @@ def test_user_errors_are_one_line_exit_2(tmp_path, setup, args, needle):
         (tmp_path / "p.jsonl").write_text('{"prompt": "a red circle"}\n{oops\n')
     elif setup == "emptyjsonl":
         (tmp_path / "p.jsonl").write_text("")
+    elif setup == "binjsonl":
+        (tmp_path / "p.jsonl").write_bytes(b'{"prompt": "a red circle"}\n\x89PNG\r\n\x1a\n\x00\xff')
+    elif setup == "utf16recipe":
+        (tmp_path / "r.yaml").write_text("train:\n  steps: 2\n", encoding="utf-16")
+    elif setup == "emptyrecipe":
+        (tmp_path / "r.yaml").write_text("# nothing here yet\n")
     elif setup == "corrupt":
         import shutil
 

@@ -193,3 +193,27 @@ def test_validation_sets_are_fixed_and_disjoint_from_heldout_and_training_pools(
         assert not seen & {_identity(r) for r in val}
     categories = {r.category for r in builtin_prompts("val-t2i")}
     assert categories == {r.category for r in builtin_prompts("heldout-t2i")}  # every pillar is measured
+
+
+def test_text_files_that_are_not_utf8_are_one_line_user_errors(tmp_path):
+    """Every reader of a user's text file names the file and the first bad byte (never a traceback)."""
+    from qirl.checkpoint import load_checkpoint
+    from qirl.data import read_jsonl
+    from qirl.files import read_json
+
+    binary = b"\x89PNG\r\n\x1a\n\x00\xff\xfe"
+    (tmp_path / "p.jsonl").write_bytes(binary)
+    with pytest.raises(UserError, match=r"p.jsonl: prompt file is not UTF-8 text: byte 0x89 at offset 0"):
+        read_jsonl(tmp_path / "p.jsonl")
+    (tmp_path / "c.json").write_text('{"a": 1}', encoding="utf-16")
+    with pytest.raises(UserError, match=r"c.json: JSON file is not UTF-8 text \(UTF-16\?\)"):
+        read_json(tmp_path / "c.json")
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "state.json").write_bytes(binary)
+    with pytest.raises(UserError, match="state.json: checkpoint state is not UTF-8"):
+        load_checkpoint(tmp_path / "ck")
+    (tmp_path / "ck" / "state.json").write_text("{oops")
+    with pytest.raises(UserError, match="state.json:1: malformed JSON in checkpoint state"):
+        load_checkpoint(tmp_path / "ck")
+    with pytest.raises(UserError, match="missing.json: JSON file not found"):
+        read_json(tmp_path / "missing.json")

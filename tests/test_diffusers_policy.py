@@ -259,7 +259,7 @@ def test_bad_folders_are_user_errors(tiny, tmp_path):
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     (corrupt / "model_index.json").write_text("{not json")
-    with pytest.raises(UserError, match="not valid JSON"):
+    with pytest.raises(UserError, match="model_index.json:1: malformed JSON"):
         load_policy(str(corrupt))
     other = tmp_path / "sd15"
     other.mkdir()

@@ -102,6 +102,46 @@ def test_failing_reward_counts_faults_and_training_continues(tmp_path):
     assert out[0]["adv_std"] > 0  # the working reward still trains
 
 
+def test_a_scorer_that_always_raises_stops_the_run_with_one_line_exit_2(tmp_path, caplog):
+    """Every reward NaN for `nan_reward_patience` iterations in a row: one line, exit 2, at that iteration
+    (not after all 10), and the scorer's exception is in the log with its traceback."""
+    import logging
+
+    from typer.testing import CliRunner
+
+    from qirl.cli.main import app
+
+    (tmp_path / "r.yaml").write_text("rewards:\n  models:\n    - {name: test_fail, weight: 1.0}\n")
+    args = ["grpo", str(tmp_path / "r.yaml"), *TINY, "train.iterations=10", f"run.out_dir={tmp_path / 'run'}", "--quiet"]
+    with caplog.at_level(logging.WARNING, logger="qirl.rewards.service"):
+        result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "rewards failed" in result.output and "3 iterations in a row" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+    steps = [line for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if line]
+    assert len(steps) == 2  # iterations 1 and 2 logged; the third stopped the run
+    assert any(r.exc_info and "scorer down" in r.getMessage() for r in caplog.records)
+
+
+def test_a_scorer_bug_is_logged_as_an_error_with_its_traceback(caplog):
+    import logging
+
+    from qirl.rewards.service import RewardService
+
+    class Buggy(RewardModel):
+        name = "buggy"
+
+        def score(self, images, prompts, records):
+            return None + 1  # a TypeError: a bug, not a flaky scorer
+
+    with caplog.at_level(logging.WARNING, logger="qirl.rewards.service"), RewardService({"buggy": Buggy()}) as service:
+        out = service.score(torch.zeros(2, 3, 8, 8), ["a", "b"])
+        service.score(torch.zeros(2, 3, 8, 8), ["a", "b"])
+    assert out.isnan().all() and service.faults["buggy"] == 2
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and errors[0].exc_info and "a bug in the scorer" in errors[0].getMessage()
+
+
 def test_resume_is_exact(tmp_path):
     rows(recipe(tmp_path / "full", "train.iterations=4", "run.checkpoint_every=2"))
     rows(recipe(tmp_path / "cut", "train.iterations=2", "run.checkpoint_every=2"))

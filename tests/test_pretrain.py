@@ -122,3 +122,30 @@ def test_sigkill_and_resume_from_the_cli(tmp_path):
     a, b = final_weights(tmp_path / "ref"), final_weights(run)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_task_mix_step_draws_one_task_per_batch():
+    """task_mix=step: every batch is all T2I or all edits, and both occur at about edit_fraction."""
+    import numpy as np
+
+    from qirl.pretrain import PretrainData, draw_batch
+
+    rng = np.random.default_rng(0)
+    data = PretrainData(edit_fraction=0.5, task_mix="step", caption_dropout=0.0)
+    kinds = []
+    for _ in range(40):
+        _, sources, targets = draw_batch(rng, 4, data, 32)
+        assert targets.shape == (4, 3, 32, 32)
+        edits = {s is not None for s in sources}
+        assert len(edits) == 1
+        kinds.append(edits.pop())
+    assert 10 <= sum(kinds) <= 30
+    mixed = [draw_batch(rng, 8, PretrainData(edit_fraction=0.5), 32)[1] for _ in range(10)]
+    assert any(len({s is not None for s in src}) == 2 for src in mixed)  # "row" mixes tasks in a batch
+
+
+def test_unknown_task_mix_is_user_error(tmp_path):
+    recipe = tiny_recipe(tmp_path / "bad", 2, 1)
+    recipe.data.task_mix = "batch"
+    with pytest.raises(UserError, match="data.task_mix"):
+        list(pretrain(recipe))

@@ -480,7 +480,7 @@ def test_missing_or_corrupt_files_are_user_errors(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="cannot load the VLM weights"):
         VLMReward.load(folder, device="cpu")
     (folder / "vlm_reward.json").write_text("{not json")
-    with pytest.raises(UserError, match="vlm_reward.json: corrupt"):
+    with pytest.raises(UserError, match="vlm_reward.json:1: malformed JSON"):
         VLMReward.load(folder)
     with pytest.raises(UserError, match="not found"):
         VLMReward(cfg(path=str(tmp_path / "nowhere")))

@@ -79,6 +79,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qirl.errors import UserError
+from qirl.files import read_json
 from qirl.models.policy import Condition, check_velocity_inputs
 
 POLICY_CONFIG = "qirl_policy.json"
@@ -661,10 +662,7 @@ def _merge_rows(n: int, groups: list[tuple[list[int], Tensor, Tensor | None]]) -
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path}: not valid JSON ({exc})") from None
+    data = read_json(path, "JSON file")
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a JSON object")
     return data

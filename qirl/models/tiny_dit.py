@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from qirl.data import publish_mode
 from qirl.errors import UserError
+from qirl.files import read_json
 from qirl.models.layers import Mlp, SelfAttention, modulate, sincos_2d, timestep_embedding
 from qirl.models.policy import Condition, check_velocity_inputs
 from qirl.models.text import TextEncoder, load_tokenizer, tokenize
@@ -419,10 +420,7 @@ class TinyDiT(nn.Module):
         config_path = path / CONFIG_NAME
         if not config_path.is_file():
             raise UserError(f"{config_path}: file not found")
-        try:
-            raw = json.loads(config_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise UserError(f"{config_path}: not valid JSON ({exc})") from exc
+        raw = read_json(config_path, "model config")
         if not isinstance(raw, dict) or raw.pop("model_type", None) != MODEL_TYPE:
             raise UserError(f"{config_path}: not a {MODEL_TYPE} config (model_type missing or different)")
         config = TinyDiTConfig.from_dict(raw, origin=str(config_path))

@@ -8,8 +8,11 @@
 GRPO (DESIGN.md, data flow step 3) overlaps rollout with scoring this way. A reward that raises, or
 returns something other than `[B]` numbers, gives NaN in its column for that batch and one more count in
 `service.faults[name]`; the trainer never sees the exception (the advantage drops NaN rewards from the
-group statistics, step 4). The first fault of each reward is logged with its traceback, later ones at
-debug level, so a broken scorer cannot flood the log.
+group statistics, step 4). The first fault of each kind (reward, exception type) is logged with its
+traceback, at error level when the exception is one that only a bug raises (`BUG_EXCEPTIONS`: a
+`TypeError` in a scorer is not a flaky network), later ones at debug level, so a broken scorer cannot
+flood the log. A scorer that keeps failing must still stop the run: `RewardFaultGuard` ends it with one
+line once too many rewards are NaN for several iterations in a row.
 
 Why threads and not processes: the rewards that cost time are torch models (VLMs, the face network) or
 HTTP calls to a remote scorer, and both release the GIL while they work (torch inside its kernels,
@@ -38,9 +41,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from torch import Tensor
 
+from qirl.errors import UserError
 from qirl.rewards.base import RewardModel, RewardRecord
 
 log = logging.getLogger(__name__)
+
+# Exceptions a scorer raises only when its code is wrong (not when a server is down or an input is odd).
+BUG_EXCEPTIONS: tuple[type[BaseException], ...] = (
+    TypeError, AttributeError, NameError, AssertionError, IndexError, KeyError, ImportError, ZeroDivisionError,
+)
 
 
 class RewardService:
@@ -54,6 +63,7 @@ class RewardService:
         self.rewards = dict(rewards)
         self.names: tuple[str, ...] = tuple(self.rewards)
         self.faults: dict[str, int] = {n: 0 for n in self.names}
+        self._fault_kinds: set[tuple[str, type]] = set()
         self._locks = {
             n: contextlib.nullcontext() if getattr(r, "thread_safe", False) else threading.Lock()
             for n, r in self.rewards.items()
@@ -129,12 +139,21 @@ class RewardService:
                 raise ValueError(f"returned shape {tuple(values.shape)}, expected ({batch},)")
             return values
         except Exception as err:  # noqa: BLE001  (the contract: a failing scorer never stops training)
+            kind = (name, type(err))
             with self._fault_lock:
                 self.faults[name] += 1
-                first = self.faults[name] == 1
+                first = kind not in self._fault_kinds
+                self._fault_kinds.add(kind)
             if first:
-                log.warning(
-                    "reward %r failed; its rewards are NaN for this batch (%s)", name, err, exc_info=True
+                bug = isinstance(err, BUG_EXCEPTIONS)
+                log.log(
+                    logging.ERROR if bug else logging.WARNING,
+                    "reward %r raised %s%s; its rewards are NaN for this batch (%s)",
+                    name,
+                    type(err).__name__,
+                    " (a bug in the scorer)" if bug else "",
+                    err,
+                    exc_info=True,
                 )
             else:
                 log.debug("reward %r failed again (%d faults): %s", name, self.faults[name], err)
@@ -151,3 +170,29 @@ class RewardService:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class RewardFaultGuard:
+    """Stops a run whose rewards keep failing, instead of training on zero advantages until it ends.
+
+    ``check(rewards)`` takes an iteration's rewards ``[..., K]`` (NaN = the scorer failed or could not
+    score) and raises a `UserError` once more than ``max_nan_fraction`` of them were NaN in each of
+    ``patience`` iterations in a row (``patience = 0``: never). Pass the rewards of the whole (global)
+    batch, so that every rank of a distributed run takes the same decision.
+    """
+
+    def __init__(self, max_nan_fraction: float = 0.5, patience: int = 3) -> None:
+        self.max_nan_fraction = max_nan_fraction
+        self.patience = patience
+        self.bad_in_a_row = 0
+
+    def check(self, rewards: Tensor, faults: Mapping[str, int] | None = None) -> None:
+        nan_fraction = float(rewards.isnan().float().mean()) if rewards.numel() else 0.0
+        self.bad_in_a_row = self.bad_in_a_row + 1 if nan_fraction > self.max_nan_fraction else 0
+        if self.patience and self.bad_in_a_row >= self.patience:
+            counts = ", ".join(f"{n}={c}" for n, c in (faults or {}).items() if c)
+            raise UserError(
+                f"rewards failed: more than {self.max_nan_fraction:.0%} of the rewards were NaN in "
+                f"{self.bad_in_a_row} iterations in a row (faults: {counts or 'none raised'}); the log has "
+                "the scorer's traceback (train.nan_reward_patience=0 trains on regardless)"
+            )

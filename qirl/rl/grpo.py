@@ -56,7 +56,7 @@ from qirl.errors import UserError
 from qirl.models.registry import PolicyOptions, load_policy
 from qirl.rewards.base import RewardRecord
 from qirl.rewards.composite import CompositeConfig, CompositeReward, RewardSpec
-from qirl.rewards.service import RewardService
+from qirl.rewards.service import RewardFaultGuard, RewardService
 from qirl.rl.common import (
     TrainRun,
     TrainState,
@@ -128,6 +128,8 @@ class GrpoTrain:
     lora_targets: str = "auto"  # regex over module names; auto: the policy's default_lora_targets
     ema_decay: float = 0.0  # > 0: keep an EMA of the trained weights (with warm-up); eval and export use it
     reward_workers: int = 2  # RewardService threads
+    max_nan_reward_fraction: float = 0.5  # a run stops (exit 2) when more of an iteration's rewards are NaN
+    nan_reward_patience: int = 3  # ... in this many iterations in a row (0: never stop)
 
 
 @dataclass
@@ -187,6 +189,11 @@ def validate(recipe: GrpoRecipe, world_size: int = 1) -> None:
         raise UserError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
     if t.reward_workers < 1:
         raise UserError(f"train.reward_workers must be >= 1, got {t.reward_workers}")
+    if not 0.0 <= t.max_nan_reward_fraction < 1.0 or t.nan_reward_patience < 0:
+        raise UserError(
+            "train.max_nan_reward_fraction must be in [0, 1) and train.nan_reward_patience >= 0, got "
+            f"{t.max_nan_reward_fraction} and {t.nan_reward_patience}"
+        )
     validate_common(recipe, world_size)
 
 
@@ -283,6 +290,7 @@ def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
     global_chunks = micro_batches(B, M)
     chunks = micro_batches(B_local, M)  # this rank's micro-batches
     service = RewardService(dict(zip(names, composite.rewards, strict=True)), workers=tr.reward_workers)
+    fault_guard = RewardFaultGuard(tr.max_nan_reward_fraction, tr.nan_reward_patience)
     start_iteration = iteration
     t_start = time.perf_counter()
     skipped_total = 0
@@ -389,6 +397,7 @@ def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
             # 5. metrics (gathered over ranks: the global batch) ----------------------------------------
             r_all = world.gather_rows(_stats(ratios))
             flat = world.gather_rows(rewards.reshape(B_local, len(names)))  # [B, K]
+            fault_guard.check(flat, service.faults)  # the global batch: every rank stops alike
             adv = world.gather_rows(adv)  # [B]
             loss_total = world.mean(loss_total)
             combined = composite.combined(flat, [r.category for r in rows])

@@ -44,6 +44,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from qirl.data import publish_mode, to_pil
 from qirl.errors import UserError
+from qirl.files import read_json
 from qirl.rewards.base import TASKS, RewardModel, RewardRecord
 from qirl.rewards.vlm import backbone as bb
 from qirl.rewards.vlm.data import quiet_progress
@@ -393,10 +394,7 @@ class VLMReward(RewardModel):
         meta_file = path / META_FILE
         if not meta_file.is_file():
             raise UserError(f"{meta_file}: not a qirl VLM reward folder (no {META_FILE})")
-        try:
-            meta = json.loads(meta_file.read_text())
-        except json.JSONDecodeError as err:
-            raise UserError(f"{meta_file}: corrupt ({err.msg})") from None
+        meta = read_json(meta_file, "reward model metadata")
         if (
             not isinstance(meta, dict)
             or meta.get("format") != FORMAT

@@ -30,6 +30,7 @@ from transformers import PreTrainedTokenizerFast, Qwen2_5_VLProcessor, Qwen3VLPr
 from transformers.processing_utils import ProcessorMixin
 
 from qirl.errors import UserError
+from qirl.files import read_json
 from qirl.shapes.corpus import grammar_corpus
 
 logger = logging.getLogger(__name__)
@@ -233,7 +234,7 @@ def checkpoint_model_type(path: Path) -> str:
     """`model_type` of a checkpoint's config.json ("" when absent or unreadable: loading reports that)."""
     try:
         return str(json.loads((path / "config.json").read_text()).get("model_type", ""))
-    except (OSError, json.JSONDecodeError, AttributeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
         return ""
 
 
@@ -260,10 +261,8 @@ def load_processor(path: str | Path) -> Any:
     pre = path / "preprocessor_config.json"
     kind = ""
     if pre.is_file():
-        try:
-            kind = json.loads(pre.read_text()).get("image_processor_type", "")
-        except json.JSONDecodeError as err:
-            raise UserError(f"{pre}: corrupt image processor config ({err.msg})") from None
+        config = read_json(pre, "image processor config")
+        kind = config.get("image_processor_type", "") if isinstance(config, dict) else ""
     if not kind.startswith("Qwen2VLImageProcessor"):
         raise UserError(f"{path}: cannot load a processor ({type(first_error).__name__}: {first_error})")
     cls = image_only_processor_class(checkpoint_model_type(path))
