@@ -107,9 +107,8 @@ def test_a_scorer_that_always_raises_stops_the_run_with_one_line_exit_2(tmp_path
     (not after all 10), and the scorer's exception is in the log with its traceback."""
     import logging
 
-    from typer.testing import CliRunner
-
     from qirl.cli.main import app
+    from typer.testing import CliRunner
 
     (tmp_path / "r.yaml").write_text("rewards:\n  models:\n    - {name: test_fail, weight: 1.0}\n")
     args = ["grpo", str(tmp_path / "r.yaml"), *TINY, "train.iterations=10", f"run.out_dir={tmp_path / 'run'}", "--quiet"]
