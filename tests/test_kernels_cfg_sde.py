@@ -17,7 +17,7 @@ from kernel_cases import (
     TRITON_RUNS_HERE,
     SdeCase,
     assert_close_to_oracle,
-    fresh_seed,
+    case_seed,
     rerun_in_fresh_process,
     sde_case,
 )
@@ -54,7 +54,7 @@ def _step(c: SdeCase, impl=cfg_sde_step_triton, **kw):
 def test_cfg_sde_step_matches_oracle(
     dtype: torch.dtype, batch: int, sample_shape: tuple[int, ...], guided: bool
 ) -> None:
-    seed = fresh_seed()
+    seed = case_seed()
     case = sde_case(batch, sample_shape, dtype, seed, guided=guided)
     with poison_outputs():
         out = _step(case, return_velocity=guided)
@@ -128,7 +128,7 @@ def test_sde_logprob_forward_and_gradients(
     dtype: torch.dtype, batch: int, sample_shape: tuple[int, ...], guided: bool
 ) -> None:
     """Training-step log-prob under a policy that moved since the rollout, and every gradient."""
-    seed = fresh_seed()
+    seed = case_seed()
     case = sde_case(batch, sample_shape, dtype, seed, guided=guided)
     rollout = _step(case, cfg_sde_step_ref)  # the recorded next state
     moved = torch.randn(case.v.shape, generator=torch.Generator().manual_seed(seed + 1)).to(case.v.device)
@@ -165,7 +165,7 @@ def test_sde_logprob_forward_and_gradients(
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_sum_reduction_and_partial_gradients(dtype: torch.dtype) -> None:
     """reduction='sum' forward and backward, with gradients asked for v alone (the hybrid-CFG case)."""
-    seed = fresh_seed()
+    seed = case_seed()
     case = sde_case(5, (2, 3, 7), dtype, seed, guided=False)
     with poison_outputs():
         out = _step(case, reduction="sum")
@@ -210,7 +210,7 @@ def test_sum_reduction_and_partial_gradients(dtype: torch.dtype) -> None:
 )
 def test_zero_noise_is_the_euler_ode_step(impl) -> None:
     """noise_level -> 0: x_next = x_t + v dt exactly at 0 and to first order near it; logp undefined (NaN)."""
-    case = sde_case(13, (3, 7), torch.float32, fresh_seed(), guided=True)
+    case = sde_case(13, (3, 7), torch.float32, case_seed(), guided=True)
     v = case.v_uncond + case.guidance * (case.v - case.v_uncond)
     euler = case.x_t + v * case.dt.view(-1, 1, 1)
     case.noise_level = 0.0
@@ -230,7 +230,7 @@ def test_zero_noise_is_the_euler_ode_step(impl) -> None:
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_rollout_logprob_equals_training_logprob(impl: str, dtype: torch.dtype) -> None:
     """GRPO's ratio exp(logp_new - logp_old) starts at exactly 1: same velocity, same number, bitwise."""
-    case = sde_case(13, (4097,), dtype, fresh_seed(), guided=False)
+    case = sde_case(13, (4097,), dtype, case_seed(), guided=False)
     step, logprob = (
         (cfg_sde_step_ref, sde_logprob_ref) if impl == "torch" else (cfg_sde_step_triton, sde_logprob_triton)
     )
@@ -241,7 +241,7 @@ def test_rollout_logprob_equals_training_logprob(impl: str, dtype: torch.dtype) 
 
 def test_matches_flow_grpo_formula_in_fp64() -> None:
     """The reference against a literal transcription of Flow-GRPO's step, sigma_t = a sqrt(t / (1 - t))."""
-    seed = fresh_seed()
+    seed = case_seed()
     case = sde_case(13, (9,), torch.float64, seed, guided=False)
     case.t[0] = 0.9  # away from the t = 1 guard, checked below
     out = _step(case, cfg_sde_step_ref)
@@ -267,7 +267,7 @@ def test_sde_preserves_gaussian_marginals() -> None:
     Data x_0 ~ N(0, s^2): x_t ~ N(0, (1 - t)^2 s^2 + t^2), and E[eps - x_0 | x_t] = (t - (1 - t) s^2) / var_t x_t.
     A wrong sign in the score correction inflates or collapses the final spread.
     """
-    gen = torch.Generator().manual_seed(fresh_seed())
+    gen = torch.Generator().manual_seed(case_seed())
     s, steps, n = 0.5, 50, 50_000
     times = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
     x = torch.randn(n, 1, generator=gen, dtype=torch.float64)
@@ -288,7 +288,7 @@ def test_sde_preserves_gaussian_marginals() -> None:
 @needs_triton
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on inf - inf
 def test_nan_and_inf_stay_in_their_sample() -> None:
-    seed = fresh_seed()
+    seed = case_seed()
     case = sde_case(4, (37,), torch.float32, seed, guided=True)
     case.v[0, 3] = float("nan")
     case.eps[1, 5] = float("inf")
@@ -307,7 +307,7 @@ def test_nan_and_inf_stay_in_their_sample() -> None:
     "impl", [cfg_sde_step_ref, pytest.param(cfg_sde_step_triton, marks=needs_triton)], ids=["torch", "triton"]
 )
 def test_bad_arguments_raise(impl) -> None:
-    case = sde_case(2, (3,), torch.float32, fresh_seed(), guided=False)
+    case = sde_case(2, (3,), torch.float32, case_seed(), guided=False)
     with pytest.raises(ValueError, match="v_uncond"):
         impl(case.v, case.x_t, case.eps, 0.5, -0.1, 0.7, guidance=4.0)
     with pytest.raises(ValueError, match="dt"):

@@ -14,7 +14,7 @@ from kernel_cases import (
     HAS_TRITON,
     REPO,
     TRITON_RUNS_HERE,
-    fresh_seed,
+    case_seed,
     mse_case,
     rerun_in_fresh_process,
     reward_case,
@@ -83,13 +83,13 @@ def _spy(monkeypatch: pytest.MonkeyPatch, which: str) -> list[str]:
 def test_cpu_default_runs_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(ops.ENV_VAR, raising=False)
     calls = _spy(monkeypatch, "torch")
-    _call_all(fresh_seed())
+    _call_all(case_seed())
     assert sorted(calls) == sorted(f"{op}:torch" for op in ENTRIES)
 
 
 @needs_triton
 def test_override_forces_triton_and_agrees_with_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
-    seed = fresh_seed()
+    seed = case_seed()
     monkeypatch.setenv(ops.ENV_VAR, "torch")
     ref = _call_all(seed)
     monkeypatch.setenv(ops.ENV_VAR, "triton")
@@ -134,7 +134,7 @@ def test_bad_override_is_a_user_error(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_cfg_sde_step_refuses_inputs_that_require_grad(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(ops.ENV_VAR, "torch")
-    c = sde_case(2, (3,), torch.float32, fresh_seed(), guided=False)
+    c = sde_case(2, (3,), torch.float32, case_seed(), guided=False)
     with pytest.raises(ValueError, match="no_grad"):
         ops.cfg_sde_step(c.v.requires_grad_(), c.x_t, c.eps, 0.5, -0.1, 0.7)
 

@@ -12,7 +12,7 @@ from kernel_cases import (
     HAS_TRITON,
     TRITON_RUNS_HERE,
     assert_close_to_oracle,
-    fresh_seed,
+    case_seed,
     rerun_in_fresh_process,
     reward_case,
 )
@@ -42,7 +42,7 @@ def test_module_in_fresh_process() -> None:
 def test_matches_oracle(
     dtype: torch.dtype, shape: tuple[int, int, int], weights_kind: str, options: dict
 ) -> None:
-    seed = fresh_seed()
+    seed = case_seed()
     rewards, weights = reward_case(*shape, dtype, seed, per_prompt_weights=weights_kind == "per_prompt")
     w = None if weights_kind == "none" else weights
     with poison_outputs():

@@ -13,7 +13,7 @@ from kernel_cases import (
     SAMPLE_SHAPES,
     TRITON_RUNS_HERE,
     assert_close_to_oracle,
-    fresh_seed,
+    case_seed,
     mse_case,
     rerun_in_fresh_process,
 )
@@ -36,7 +36,7 @@ def test_module_in_fresh_process() -> None:
 def test_forward_and_gradients_match_oracle(
     dtype: torch.dtype, batch: int, sample_shape: tuple[int, ...], teacher_grad: bool
 ) -> None:
-    seed = fresh_seed()
+    seed = case_seed()
     student, teacher = mse_case(batch, sample_shape, dtype, seed)
     n = student[0].numel()
     # d loss / d per_sample: random and scaled by N so the element gradients are O(1), not O(1/N)
@@ -75,7 +75,7 @@ def test_forward_and_gradients_match_oracle(
 )
 def test_loss_gradient_is_two_diff_over_count(impl) -> None:
     """d loss / d s = 2 (s - t) / (N B) for loss = mean over the batch of the per-sample MSE."""
-    student, teacher = mse_case(13, (4, 3, 5), torch.float32, fresh_seed())
+    student, teacher = mse_case(13, (4, 3, 5), torch.float32, case_seed())
     s = student.detach().requires_grad_()
     impl(s, teacher).loss.backward()
     torch.testing.assert_close(s.grad, 2 * (student - teacher) / student.numel(), rtol=1e-5, atol=1e-7)
@@ -84,7 +84,7 @@ def test_loss_gradient_is_two_diff_over_count(impl) -> None:
 @needs_triton
 def test_mixed_dtypes_and_non_contiguous_inputs() -> None:
     """A bf16-style teacher and an fp32 student, laid out channels-last: results as for contiguous fp32."""
-    seed = fresh_seed()
+    seed = case_seed()
     student, teacher = mse_case(3, (5, 6, 7), torch.float32, seed)
     student = student.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # non-contiguous view
     s = student.detach().requires_grad_()
@@ -100,7 +100,7 @@ def test_mixed_dtypes_and_non_contiguous_inputs() -> None:
 @needs_triton
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_nan_and_inf_stay_in_their_sample() -> None:
-    student, teacher = mse_case(4, (1030,), torch.float32, fresh_seed())
+    student, teacher = mse_case(4, (1030,), torch.float32, case_seed())
     student[0, 3] = math.nan
     student[1, 1029] = math.inf  # in the last, partial tile
     teacher[2, 0] = math.inf
