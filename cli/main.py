@@ -180,7 +180,8 @@ def sample(
     """Generate images (T2I) or edits (instruction + source) and a grid from a model."""
     from qirl.data import PromptRecord
     from qirl.models.registry import PolicyOptions
-    from qirl.samples import SampleOptions, generate, resolve_prompts
+    from qirl.prompt_sets import resolve_prompts
+    from qirl.samples import SampleOptions, generate
 
     if prompt:
         if prompts:

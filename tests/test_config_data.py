@@ -40,9 +40,9 @@ def test_recipe_yaml_and_overrides(tmp_path):
     [
         ("train:\n  lrr: 0.5\n", [], "lrr"),
         ("train:\n  steps: many\n", [], "steps"),
-        ("", ["train.nope=1"], "train.nope"),
-        ("", ["train.steps=abc"], "train.steps"),
-        ("", ["train.steps"], "key=value"),
+        ("name: x\n", ["train.nope=1"], "train.nope"),
+        ("name: x\n", ["train.steps=abc"], "train.steps"),
+        ("name: x\n", ["train.steps"], "key=value"),
         ("train: [1, 2\n", [], "malformed YAML"),
     ],
 )
@@ -181,7 +181,7 @@ def test_recipe_include_merges_under_the_section(tmp_path):
 
 
 def test_validation_sets_are_fixed_and_disjoint_from_heldout_and_training_pools():
-    from qirl.samples import VAL_EXCLUDED_POOL, _identity, builtin_prompts, generated_pool
+    from qirl.prompt_sets import VAL_EXCLUDED_POOL, _identity, builtin_prompts, generated_pool
 
     for task in ("t2i", "edit"):
         val = builtin_prompts(f"val-{task}")

@@ -19,6 +19,7 @@ from qirl.config import load_recipe
 from qirl.data import write_jsonl
 from qirl.errors import UserError
 from qirl.models.registry import load_policy
+from qirl.prompt_sets import builtin_prompts
 from qirl.rewards.composite import CompositeConfig, CompositeReward
 from qirl.rl.curate import (
     CurateFilter,
@@ -29,7 +30,6 @@ from qirl.rl.curate import (
     curate,
     group_stats,
 )
-from qirl.samples import builtin_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 

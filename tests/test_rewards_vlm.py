@@ -15,6 +15,7 @@ from vlm_cases import shapes_batch
 from qirl.checkpoint import latest_checkpoint, load_checkpoint
 from qirl.config import load_recipe
 from qirl.errors import UserError
+from qirl.models.qwen_vl import SPECIAL_TOKENS, wrap
 from qirl.rewards.base import _REGISTRY, RewardRecord
 from qirl.rewards.vlm import (
     RewardTrainRecipe,
@@ -37,7 +38,7 @@ from qirl.rewards.vlm.prompting import (
     simple_chat,
     split_at_marker,
 )
-from qirl.rewards.vlm.tokenizer import ASSET_DIR, SCORE_TOKENS, SPECIAL_TOKENS, load_embedded_tokenizer, wrap
+from qirl.rewards.vlm.tokenizer import ASSET_DIR, SCORE_TOKENS, load_embedded_tokenizer
 from qirl.rewards.vlm.toy import save_toy_annotations, toy_annotations
 from qirl.rewards.vlm.train import rankdata
 from qirl.shapes import random_edit_record, random_t2i_record

@@ -17,11 +17,11 @@ from transformers import AutoModelForImageTextToText
 from vlm_cases import shapes_batch
 
 from qirl.errors import UserError
+from qirl.models.qwen_vl import ImageOnlyQwen3VLProcessor, ImageOnlyQwenVLProcessor
 from qirl.rewards.base import _REGISTRY, RewardRecord
 from qirl.rewards.vlm import VLMReward, VLMRewardConfig
 from qirl.rewards.vlm.prompting import MARKER, chat_text, simple_chat
 from qirl.rewards.vlm.tiny import FAMILIES, build_tiny_checkpoint, build_tiny_vlm
-from qirl.rewards.vlm.tokenizer import ImageOnlyQwen3VLProcessor, ImageOnlyQwenVLProcessor
 
 PROCESSORS = {"qwen2.5-vl": ImageOnlyQwenVLProcessor, "qwen3-vl": ImageOnlyQwen3VLProcessor}
 MODEL_TYPES = {"qwen2.5-vl": "qwen2_5_vl", "qwen3-vl": "qwen3_vl"}

@@ -51,7 +51,7 @@ def seed_list(seeds: int | Sequence[int]) -> list[int]:
 
 def bench_records(task: str, prompts: str | None = None, n_prompts: int | None = None) -> list[PromptRecord]:
     """The task's records of the fixed set (or of `prompts`: a built-in set name or JSONL), first N."""
-    from qirl.samples import resolve_prompts
+    from qirl.prompt_sets import resolve_prompts
 
     if task not in TASKS:
         raise UserError(f"task must be one of {', '.join(TASKS)}, got {task!r}")

@@ -22,7 +22,7 @@ import torch
 from qirl.data import PromptRecord
 from qirl.errors import UserError
 from qirl.models.policy import FlowPolicy
-from qirl.samples import image_noise, record_source
+from qirl.prompt_sets import image_noise, record_source
 from qirl.sampling import sample_ode
 
 

@@ -714,7 +714,7 @@ def _load_processor(folder: Path) -> Any:
         processor = None
     if isinstance(processor, ProcessorMixin) and getattr(processor, "image_processor", None) is not None:
         return processor
-    from qirl.rewards.vlm.tokenizer import ImageOnlyQwenVLProcessor
+    from qirl.models.qwen_vl import ImageOnlyQwenVLProcessor
 
     return ImageOnlyQwenVLProcessor.from_pretrained(str(folder), local_files_only=True)
 

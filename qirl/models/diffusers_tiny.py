@@ -67,7 +67,7 @@ def qwen_tokenizer() -> Any:
     from tokenizers import Regex, Tokenizer, pre_tokenizers
     from tokenizers.models import WordLevel
 
-    from qirl.rewards.vlm.tokenizer import SPECIAL_TOKENS, UNK, wrap
+    from qirl.models.qwen_vl import SPECIAL_TOKENS, UNK, wrap
 
     split = pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated")
     templates = [_template(QwenImagePipeline), _template(QwenImageEditPipeline)]
@@ -175,10 +175,10 @@ def _t5(tokenizer: Any, d_model: int) -> Any:
 
 
 def _qwen_vl(tokenizer: Any) -> Any:
-    """The embedded reward VLM's tiny Qwen2.5-VL shape (`qirl.rewards.vlm.backbone.tiny_config`)."""
+    """The embedded reward VLM's tiny Qwen2.5-VL shape (`qirl.models.qwen_vl.tiny_config`)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from qirl.rewards.vlm.backbone import TinyVLMSpec, tiny_config
+    from qirl.models.qwen_vl import TinyVLMSpec, tiny_config
 
     config = tiny_config(TinyVLMSpec(image_size=TINY_IMAGE), tokenizer)
     config._attn_implementation = "sdpa"
@@ -286,7 +286,7 @@ def _make_qwen(family: str) -> Any:
     )
     if family == "qwen-image":
         return QwenImagePipeline(**parts)
-    from qirl.rewards.vlm.tokenizer import ImageOnlyQwenVLProcessor, qwen_image_processor
+    from qirl.models.qwen_vl import ImageOnlyQwenVLProcessor, qwen_image_processor
 
     processor = ImageOnlyQwenVLProcessor(
         image_processor=qwen_image_processor(patch_size=4, merge_size=2, image_size=TINY_IMAGE), tokenizer=tokenizer

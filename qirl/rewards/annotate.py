@@ -606,7 +606,7 @@ def _sample_pool(
     """The model's samples, one list per batch: sample k of prompt i uses the (guidance, steps) pair
     number (i * n_model + k) mod |grid| and the initial noise `image_noise(seed, i * pool + k)`, so the
     pool does not depend on the batch size."""
-    from qirl.samples import image_noise
+    from qirl.prompt_sets import image_noise
     from qirl.sampling import sample_ode
 
     n_model, pool = config.n_model_samples, config.samples_per_prompt

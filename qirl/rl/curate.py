@@ -66,9 +66,9 @@ from qirl.data import PromptRecord, atomic_write_text, write_jsonl
 from qirl.errors import UserError
 from qirl.models.policy import FlowPolicy
 from qirl.models.registry import PolicyOptions, load_policy
+from qirl.prompt_sets import image_noise, record_source, resolve_prompts
 from qirl.rewards.base import RewardRecord
 from qirl.rewards.composite import CompositeConfig, CompositeReward, RewardSpec
-from qirl.samples import image_noise, record_source, resolve_prompts
 from qirl.sampling import sample_sde
 
 COMPOSITE = "composite"

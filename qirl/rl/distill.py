@@ -71,6 +71,7 @@ from qirl.distributed import DistributedConfig, sync_gradients
 from qirl.errors import UserError
 from qirl.models.policy import Condition, FlowPolicy
 from qirl.models.registry import PolicyOptions, load_policy
+from qirl.prompt_sets import record_source
 from qirl.rl.common import (
     TrainRun,
     TrainState,
@@ -85,7 +86,6 @@ from qirl.rl.common import (
 from qirl.rl.heldout import HeldoutConfig, heldout_eval, heldout_sets
 from qirl.rl.prompts import PromptSource
 from qirl.runlog import open_metrics
-from qirl.samples import record_source
 from qirl.sampling import guided_velocity, sample_ode, sample_sde, timesteps
 
 logger = logging.getLogger(__name__)

@@ -54,6 +54,7 @@ from qirl import ops
 from qirl.distributed import DistributedConfig, sync_gradients
 from qirl.errors import UserError
 from qirl.models.registry import PolicyOptions, load_policy
+from qirl.prompt_sets import record_source
 from qirl.rewards.base import RewardRecord
 from qirl.rewards.composite import CompositeConfig, CompositeReward, RewardSpec
 from qirl.rewards.service import RewardFaultGuard, RewardService
@@ -71,7 +72,6 @@ from qirl.rl.common import (
 from qirl.rl.heldout import HeldoutConfig, heldout_eval, heldout_sets
 from qirl.rl.prompts import PromptSource
 from qirl.runlog import open_metrics
-from qirl.samples import record_source
 from qirl.sampling import CFG_MODES, sample_sde, sde_kl_factor, trajectory_logprob
 
 SHAPES_T2I = "shapes-t2i"

@@ -19,7 +19,7 @@ import torch
 
 from qirl.data import PromptRecord, make_grid, save_image_atomic
 from qirl.errors import UserError
-from qirl.samples import image_noise, record_source, resolve_prompts
+from qirl.prompt_sets import image_noise, record_source, resolve_prompts
 from qirl.sampling import sample_ode
 from qirl.shapes import aggregate, aggregate_edits, score_edit, score_t2i
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from qirl.data import PromptRecord, record_from_dict
 from qirl.errors import UserError
-from qirl.samples import BUILTIN_SETS, resolve_prompts
+from qirl.prompt_sets import BUILTIN_SETS, resolve_prompts
 from qirl.shapes import random_edit_record, random_t2i_record
 
 GENERATED = ("shapes-t2i", "shapes-edit", "shapes-mix")

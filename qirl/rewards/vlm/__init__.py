@@ -18,8 +18,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from qirl.models.qwen_vl import TinyVLMSpec
 from qirl.rewards.base import register_reward
-from qirl.rewards.vlm.backbone import TinyVLMSpec
 from qirl.rewards.vlm.losses import bradley_terry_loss, expected_score, normalised_reward, pointwise_loss
 from qirl.rewards.vlm.model import META_FILE, VLMReward, VLMRewardConfig
 from qirl.rewards.vlm.train import (

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,41 +37,20 @@ from PIL import Image
 from torch import Tensor
 
 from qirl.errors import UserError
-from qirl.rewards.vlm.data import quiet_progress
-from qirl.rewards.vlm.prompting import MARKER
-from qirl.rewards.vlm.tokenizer import (
-    IM_END,
-    IMAGE_PAD,
-    SCORE_TOKENS,
-    VIDEO_PAD,
-    VISION_END,
-    VISION_START,
+from qirl.models.qwen_vl import (
     ImageOnlyQwenVLProcessor,
-    load_embedded_tokenizer,
+    TinyVLMSpec,
     load_processor,
     qwen_image_processor,
+    tiny_config,
 )
+from qirl.rewards.vlm.data import quiet_progress
+from qirl.rewards.vlm.prompting import MARKER
+from qirl.rewards.vlm.tokenizer import SCORE_TOKENS, load_embedded_tokenizer
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class TinyVLMSpec:
-    """Sizes of the embedded tiny Qwen2.5-VL (used only when `path` is None)."""
-
-    hidden_size: int = 64
-    layers: int = 2
-    heads: int = 4
-    kv_heads: int = 2
-    intermediate_size: int = 128
-    vision_hidden_size: int = 64
-    vision_depth: int = 2
-    vision_heads: int = 4
-    patch_size: int = 4
-    merge_size: int = 2
-    image_size: int = 32
 
 
 def resolve_device(device: str) -> torch.device:
@@ -90,66 +68,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype not in DTYPES:
         raise UserError(f"model.dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
     return DTYPES[dtype]
-
-
-def mrope_sections(head_dim: int) -> list[int]:
-    """Temporal/height/width split of the rotary half-dim, in Qwen2.5-VL's 1/4 : 3/8 : 3/8 ratio
-    ([16, 24, 24] at head_dim 128)."""
-    half = head_dim // 2
-    t = half // 4
-    h = (half - t) // 2
-    return [t, h, half - t - h]
-
-
-def tiny_config(spec: TinyVLMSpec, tokenizer: Any) -> Any:
-    """A `Qwen2_5_VLConfig` of the embedded size, its special-token ids taken from `tokenizer`."""
-    from transformers import Qwen2_5_VLConfig
-
-    if spec.hidden_size % spec.heads or spec.vision_hidden_size % spec.vision_heads:
-        raise UserError("model.tiny: hidden sizes must be multiples of their head counts")
-    ids = {
-        t: tokenizer.convert_tokens_to_ids(t)
-        for t in (IM_END, IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END)
-    }
-    text = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": spec.hidden_size,
-        "intermediate_size": spec.intermediate_size,
-        "num_hidden_layers": spec.layers,
-        "num_attention_heads": spec.heads,
-        "num_key_value_heads": spec.kv_heads,
-        "max_position_embeddings": 1024,
-        "rope_parameters": {
-            "rope_type": "default",
-            "rope_theta": 10000.0,
-            "mrope_section": mrope_sections(spec.hidden_size // spec.heads),
-        },
-        "bos_token_id": None,
-        "eos_token_id": ids[IM_END],
-        "pad_token_id": tokenizer.pad_token_id,
-    }
-    # One window covers the whole image (window_size is in pixels), and the last block is a full-attention
-    # block as in the 7B; at 32x32 both attend over all 64 patches.
-    vision = {
-        "depth": spec.vision_depth,
-        "hidden_size": spec.vision_hidden_size,
-        "intermediate_size": 2 * spec.vision_hidden_size,
-        "num_heads": spec.vision_heads,
-        "patch_size": spec.patch_size,
-        "spatial_merge_size": spec.merge_size,
-        "temporal_patch_size": 2,
-        "window_size": spec.image_size,
-        "out_hidden_size": spec.hidden_size,
-        "fullatt_block_indexes": [spec.vision_depth - 1],
-    }
-    return Qwen2_5_VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=ids[IMAGE_PAD],
-        video_token_id=ids[VIDEO_PAD],
-        vision_start_token_id=ids[VISION_START],
-        vision_end_token_id=ids[VISION_END],
-    )
 
 
 def build_embedded(spec: TinyVLMSpec, seed: int) -> tuple[Any, Any]:

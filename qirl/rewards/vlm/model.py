@@ -45,12 +45,12 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from qirl.data import publish_mode, to_pil
 from qirl.errors import UserError
 from qirl.files import read_json
+from qirl.models.qwen_vl import IMAGE_ONLY_PROCESSORS, TinyVLMSpec
 from qirl.rewards.base import TASKS, RewardModel, RewardRecord
 from qirl.rewards.vlm import backbone as bb
 from qirl.rewards.vlm.data import quiet_progress
 from qirl.rewards.vlm.losses import expectation, normalised_reward
 from qirl.rewards.vlm.prompting import DIMENSIONS, MARKER_RE, answer_prefix, chat_text, split_at_marker
-from qirl.rewards.vlm.tokenizer import IMAGE_ONLY_PROCESSORS
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class VLMRewardConfig:
     batch_size: int = 16  # images per forward when scoring
     tasks: list[str] = field(default_factory=lambda: list(TASKS))  # the tasks it judges; others get NaN
     seed: int = 0  # initialisation of the embedded model and of the pairwise head
-    tiny: bb.TinyVLMSpec = field(default_factory=bb.TinyVLMSpec)
+    tiny: TinyVLMSpec = field(default_factory=TinyVLMSpec)
     head_mean: float = 0.0  # pairwise: reward = sigmoid((r - head_mean) / head_std), set by training
     head_std: float = 1.0
 
@@ -106,7 +106,7 @@ class VLMRewardConfig:
         data = dict(data)
         tiny = data.pop("tiny", None) or {}
         try:
-            cfg = cls(**data, tiny=bb.TinyVLMSpec(**tiny))
+            cfg = cls(**data, tiny=TinyVLMSpec(**tiny))
         except TypeError as err:
             raise UserError(f"{where}: malformed VLM reward config ({err})") from None
         cfg.validate(where)

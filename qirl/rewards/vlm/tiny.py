@@ -31,16 +31,16 @@ from typing import Any
 import torch
 
 from qirl.errors import UserError
-from qirl.rewards.vlm.data import quiet_progress
-from qirl.rewards.vlm.tokenizer import (
+from qirl.models.qwen_vl import (
     IM_END,
     IMAGE_PAD,
     VIDEO_PAD,
     VISION_END,
     VISION_START,
     image_only_processor_class,
-    load_embedded_tokenizer,
 )
+from qirl.rewards.vlm.data import quiet_progress
+from qirl.rewards.vlm.tokenizer import load_embedded_tokenizer
 
 FAMILIES: tuple[str, ...] = ("qwen2.5-vl", "qwen3-vl")
 

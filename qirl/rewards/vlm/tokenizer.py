@@ -8,40 +8,27 @@ and the special tokens Qwen2.5-VL's processor and chat format use (`<|im_start|>
 Text is NFKC-normalised and lowercased, split on whitespace, punctuation and single digits. The file
 ships in `qirl/assets/vlm/` and is rebuilt by `python -m qirl.rewards.vlm`.
 
-The processor is transformers' `Qwen2_5_VLProcessor` (or, for a Qwen3-VL checkpoint,
-`Qwen3VLProcessor`) with the video branch removed (`ImageOnlyQwenVLProcessor`,
-`ImageOnlyQwen3VLProcessor`): the stock classes insist on a video processor, which needs torchvision,
-and a reward model never sees video. Image handling (patchify, `<|image_pad|>` expansion,
-`mm_token_type_ids` for the 3-D RoPE) is the stock code. Where torchvision is installed,
-`load_processor` returns the stock processor (fast image processor, video processor included).
+Qwen's special tokens, `wrap` and the image-only processors live in `qirl.models.qwen_vl`, shared with
+Qwen-Image's adapter.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import WordLevel
-from transformers import PreTrainedTokenizerFast, Qwen2_5_VLProcessor, Qwen3VLProcessor
-from transformers.processing_utils import ProcessorMixin
+from transformers import PreTrainedTokenizerFast
 
 from qirl.errors import UserError
-from qirl.files import read_json
+from qirl.models.qwen_vl import SPECIAL_TOKENS, UNK, wrap
 from qirl.shapes.corpus import grammar_corpus
 
 logger = logging.getLogger(__name__)
 
 ASSET_DIR = Path(__file__).resolve().parents[2] / "assets" / "vlm"
-
-PAD, UNK = "<|endoftext|>", "<|unk|>"
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"
-VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
-IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
-SPECIAL_TOKENS: tuple[str, ...] = (PAD, UNK, IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)
 
 SCORE_TOKENS: tuple[str, ...] = ("1", "2", "3", "4", "5")
 
@@ -116,19 +103,6 @@ def _backend(vocab: dict[str, int]) -> Tokenizer:
     return tok
 
 
-def wrap(backend: Tokenizer, padding_side: str = "left", model_max_length: int = 1024) -> PreTrainedTokenizerFast:
-    """A transformers tokenizer over a `tokenizers` backend, with Qwen's pad/eos/image-token conventions."""
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        unk_token=UNK,
-        pad_token=PAD,
-        eos_token=IM_END,
-        extra_special_tokens={"image_token": IMAGE_PAD, "video_token": VIDEO_PAD},
-        padding_side=padding_side,
-        model_max_length=model_max_length,
-    )
-
-
 def build_tokenizer(corpus_size: int = 4000, seed: int = 0) -> PreTrainedTokenizerFast:
     """Build the embedded vocabulary: specials (fixed ids 0..7), the score digits, then words sorted.
 
@@ -163,114 +137,3 @@ def load_embedded_tokenizer(path: str | Path = ASSET_DIR) -> PreTrainedTokenizer
     return wrap(backend)
 
 
-def _image_only_init(processor: Any, image_processor: Any, tokenizer: Any, chat_template: str | None) -> None:
-    """What the stock Qwen-VL `__init__`s do, minus the video processor.
-
-    `ProcessorMixin` derives the processor's parts from the `__init__` signature, so dropping the
-    `video_processor` argument is all it takes; `__call__` then skips the video branch.
-    """
-    processor.image_token = getattr(tokenizer, "image_token", None) or IMAGE_PAD
-    processor.video_token = getattr(tokenizer, "video_token", None) or VIDEO_PAD
-    processor.image_token_id = tokenizer.convert_tokens_to_ids(processor.image_token)
-    processor.video_token_id = tokenizer.convert_tokens_to_ids(processor.video_token)
-    ProcessorMixin.__init__(processor, image_processor, tokenizer, chat_template=chat_template)
-
-
-class ImageOnlyQwenVLProcessor(Qwen2_5_VLProcessor):
-    """`Qwen2_5_VLProcessor` without the video processor (which needs torchvision)."""
-
-    def __init__(
-        self,
-        image_processor: Any = None,
-        tokenizer: Any = None,
-        chat_template: str | None = None,
-        **kwargs: Any,
-    ):
-        _image_only_init(self, image_processor, tokenizer, chat_template)
-
-
-class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
-    """`Qwen3VLProcessor` without the video processor (which needs torchvision).
-
-    For images it differs from the Qwen2.5-VL one only in not returning `token_type_ids`; the
-    vision start/end tokens it also keeps are used by its video timestamps alone.
-    """
-
-    def __init__(
-        self,
-        image_processor: Any = None,
-        tokenizer: Any = None,
-        chat_template: str | None = None,
-        **kwargs: Any,
-    ):
-        _image_only_init(self, image_processor, tokenizer, chat_template)
-
-
-IMAGE_ONLY_PROCESSORS: tuple[type, ...] = (ImageOnlyQwenVLProcessor, ImageOnlyQwen3VLProcessor)
-
-
-def qwen_image_processor(patch_size: int, merge_size: int, image_size: int) -> Any:
-    """A Qwen2-VL image processor that maps an `image_size` square to `(image_size / patch_size)^2`
-    patches, i.e. `(image_size / (patch_size * merge_size))^2` LLM tokens; min = max pixels pins the size
-    (larger inputs are resized down to it). The PIL backend: no torchvision needed."""
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    factor = patch_size * merge_size
-    if image_size % factor:
-        raise UserError(
-            f"model.tiny.image_size ({image_size}) must be a multiple of patch_size * merge_size ({factor})"
-        )
-    pixels = image_size * image_size
-    return Qwen2VLImageProcessorPil(
-        patch_size=patch_size,
-        merge_size=merge_size,
-        temporal_patch_size=2,
-        min_pixels=pixels,
-        max_pixels=pixels,
-    )
-
-
-def checkpoint_model_type(path: Path) -> str:
-    """`model_type` of a checkpoint's config.json ("" when absent or unreadable: loading reports that)."""
-    try:
-        return str(json.loads((path / "config.json").read_text()).get("model_type", ""))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        return ""
-
-
-def image_only_processor_class(model_type: str) -> type:
-    """The image-only processor for a checkpoint family: Qwen3-VL (dense or MoE) or Qwen2/2.5-VL."""
-    return ImageOnlyQwen3VLProcessor if model_type.startswith("qwen3_vl") else ImageOnlyQwenVLProcessor
-
-
-def load_processor(path: str | Path) -> Any:
-    """`AutoProcessor.from_pretrained(path)`; where that fails for want of a video processor
-    (no torchvision) and the folder holds a Qwen2-VL image processor (Qwen2.5-VL and Qwen3-VL both
-    use it, with patch 14 and 16), the image-only processor of the checkpoint's family, loaded with
-    the folder's tokenizer, image processor (transformers picks its PIL backend) and chat template."""
-    from transformers import AutoProcessor
-
-    path = Path(path)
-    try:
-        processor = AutoProcessor.from_pretrained(str(path), local_files_only=True)
-    except Exception as err:  # noqa: BLE001 - any failure falls through to the explicit build below
-        first_error = err
-    else:
-        processor.tokenizer.padding_side = "left"
-        return processor
-    pre = path / "preprocessor_config.json"
-    kind = ""
-    if pre.is_file():
-        config = read_json(pre, "image processor config")
-        kind = config.get("image_processor_type", "") if isinstance(config, dict) else ""
-    if not kind.startswith("Qwen2VLImageProcessor"):
-        raise UserError(f"{path}: cannot load a processor ({type(first_error).__name__}: {first_error})")
-    cls = image_only_processor_class(checkpoint_model_type(path))
-    try:
-        processor = cls.from_pretrained(str(path), local_files_only=True)
-    except Exception as err:  # noqa: BLE001
-        raise UserError(
-            f"{path}: cannot load the tokenizer or image processor ({type(err).__name__}: {err})"
-        ) from None
-    processor.tokenizer.padding_side = "left"
-    return processor
