@@ -521,7 +521,8 @@ def trajectory_logprob(
     cond: Condition,
     uncond: Condition | None = None,
     guidance: float | None = None,
-) -> Tensor:
+    return_velocity: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Log-prob [B] fp32, WITH grad, of the recorded transition n -> n + 1 under the current policy.
 
     ``log p_theta(x_{n+1} | x_n, c)`` of Flow-GRPO's Gaussian step (`qirl.ops.sde_logprob`, mean over
@@ -530,6 +531,8 @@ def trajectory_logprob(
     ``v_u + s (v_c - v_u)`` with ``guidance`` (default: the rollout's) and ``uncond`` (default:
     ``policy.null_condition(cond)``), batched [cond ; uncond] as in the rollout. With the policy
     unchanged this gives back ``rollout.logps_old[n]`` (up to float reassociation).
+    ``return_velocity``: also return the conditional velocity v_c [B, C, H, W] fp32 of that forward
+    (with grad), so a KL term on it costs no second forward and backward.
     """
     if step_index not in rollout.trained_steps:
         raise UserError(
@@ -550,7 +553,7 @@ def trajectory_logprob(
     t, t_next = rollout.timesteps[step_index].item(), rollout.timesteps[step_index + 1].item()
     x, x_next = rollout.state(step_index), rollout.state(step_index + 1)  # [B, C, H, W] each
     v_c, v_u = _branch_velocities(policy, x, t, cond, uncond, guidance)
-    return ops.sde_logprob(
+    logp = ops.sde_logprob(
         v_c,
         x,
         x_next,
@@ -560,3 +563,4 @@ def trajectory_logprob(
         v_uncond=v_u,
         guidance=guidance if v_u is not None else 1.0,
     )
+    return (logp, v_c) if return_velocity else logp

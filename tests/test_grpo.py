@@ -197,11 +197,56 @@ def test_ema_is_checkpointed_and_used_for_export(tmp_path):
     torch.testing.assert_close(exported[name], ckpt.tensors["ema"][name].to(exported[name].dtype))
 
 
-@pytest.mark.parametrize("space", ["velocity", "mean"])
-def test_kl_to_reference_is_zero_then_positive(tmp_path, space):
-    out = rows(recipe(tmp_path / space, "train.iterations=2", "train.kl_coef=0.1", f"train.kl_space={space}"))
+@pytest.mark.parametrize("space, lora", [("velocity", 0), ("mean", 0), ("velocity", 4)])
+def test_kl_to_reference_is_zero_then_positive(tmp_path, space, lora):
+    """Full weights keep a frozen copy; LoRA takes the reference by disabling its adapters."""
+    run = tmp_path / f"{space}{lora}"
+    extra = ["train.iterations=2", "train.kl_coef=0.1", f"train.kl_space={space}", f"train.lora_rank={lora}"]
+    if lora:
+        extra.append("train.lr=1e-2")  # LoRA's B starts at 0: a larger step makes the adapters matter
+    out = rows(recipe(run, *extra))
     assert out[0]["kl"] == pytest.approx(0.0, abs=1e-12)  # policy == reference before the first step
     assert out[1]["kl"] > 0
+
+
+def test_kl_on_the_surrogates_forward_equals_a_separate_forward():
+    """The KL built from trajectory_logprob's own v_c equals the one a second forward gave (the math
+    of the removed forward-backward), in value and in gradient; adapters_disabled is the base model."""
+    from qirl.rl.grpo import _kl, _reference_velocity
+    from qirl.rl.lora import adapters_disabled, add_lora
+    from qirl.sampling import sample_sde, trajectory_logprob
+
+    policy = load_policy("base")
+    reference = load_policy("base")
+    with torch.no_grad():  # move the policy away from the reference
+        for p in policy.trainable_parameters():
+            p.add_(1e-3 * torch.randn_like(p))
+    cond = policy.encode(["a red circle", "two blue squares"])
+    gen = torch.Generator().manual_seed(0)
+    ro = sample_sde(policy, cond, 3, guidance=3.0, noise_level=0.7, sde_window=[0], generator=gen)
+    v_ref = _reference_velocity(policy, reference, ro, 0, cond)
+    logp, v_c = trajectory_logprob(policy, ro, 0, cond, return_velocity=True)
+    kl = _kl(v_c, v_ref, ro, 0, "mean")
+    x, t = ro.state(0), torch.full((2,), float(ro.timesteps[0]))
+    kl_sep = _kl(policy.velocity(x, t, cond).float(), v_ref, ro, 0, "mean")
+    torch.testing.assert_close(kl, kl_sep)
+    params = policy.trainable_parameters()
+    g1 = torch.autograd.grad(kl, params)
+    g2 = torch.autograd.grad(kl_sep, params)
+    for a, b in zip(g1, g2, strict=True):
+        torch.testing.assert_close(a, b)
+    assert float(kl.detach()) > 0
+    add_lora(policy, 4, 16.0, policy.default_lora_targets)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+        adapted = policy.velocity(x, t, cond)
+        with adapters_disabled(policy):
+            base = policy.velocity(x, t, cond)
+        assert not torch.allclose(adapted, base)
+        assert torch.equal(base, _reference_velocity(policy, None, ro, 0, cond))
+    assert all(p.requires_grad for n, p in policy.named_parameters() if "lora_" in n)  # switched back on
 
 
 def test_sde_kl_factor_is_the_gaussian_kl_of_the_transition():

@@ -70,6 +70,7 @@ from qirl.rl.common import (
     validate_common,
 )
 from qirl.rl.heldout import HeldoutConfig, heldout_eval, heldout_sets
+from qirl.rl.lora import adapters_disabled
 from qirl.rl.prompts import PromptSource
 from qirl.runlog import open_metrics
 from qirl.sampling import CFG_MODES, sample_sde, sde_kl_factor, trajectory_logprob
@@ -201,7 +202,7 @@ def nfe_per_iteration(recipe: GrpoRecipe) -> int:
     """Network evaluations per iteration, the convention of `qirl.rl.distill` (a forward of b rows counts
     b, a CFG forward 2b, a training forward + backward 3b): ``B (N r + U W (3 + q))`` with B = P G,
     r = 2 when the rollout uses CFG, U = updates_per_iter, W = window_size, q = 1 with the KL reference
-    (one more forward) else 0, plus g = 2 per trained step in `both` mode (guided objective: 2 rows)."""
+    (the reference's no-grad forward; the KL reuses the surrogate's own forward) else 0, plus g = 2 per trained step in `both` mode (guided objective: 2 rows)."""
     s, t = recipe.sampling, recipe.train
     b = t.prompts_per_iter * t.group_size
     r = 2 if (s.cfg_mode != "none" and s.guidance > 1.0) else 1
@@ -265,8 +266,8 @@ def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
     torch.manual_seed(recipe.run.seed)
     policy = load_policy(recipe.model, options=recipe.policy)
     policy.eval()  # no dropout: the ratio must be exactly 1 before the update
-    reference = None
-    if tr.kl_coef > 0:
+    reference = None  # the frozen KL reference; a LoRA run gets it by disabling its adapters instead
+    if tr.kl_coef > 0 and tr.lora_rank == 0:
         reference = copy.deepcopy(policy)
         reference.requires_grad_(False)
     state = TrainState.create(policy, tr, recipe.run.seed, world, recipe.distributed, prompts_src.tasks, existing)
@@ -370,14 +371,17 @@ def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
                     # Each rank's loss is the mean over its rows; DDP/FSDP average the gradients, which
                     # is the global mean because every rank has B_local rows.
                     share = (b - a) / (B_local * len(window))
+                    # The reference velocity comes first: with LoRA it is the policy with its adapters
+                    # switched off, which must not happen between the forward and its backward.
+                    v_ref = _reference_velocity(policy, reference, ro, n, c_mb) if tr.kl_coef > 0 else None
                     with sync_gradients(view, last=(k, n) == passes[-1]):
-                        logp = trajectory_logprob(view, ro, n, c_mb)  # [b - a]
+                        logp, v_c = trajectory_logprob(view, ro, n, c_mb, return_velocity=True)  # [b - a], [b - a, C, H, W]
                         a_mb = adv[a:b].to(logp.device)  # [b - a]
                         ratio = torch.exp(logp - ro.logps_old[n])
                         clipped = ratio.clamp(1 - tr.clip_range, 1 + tr.clip_range)
                         loss = -torch.minimum(ratio * a_mb, clipped * a_mb).mean()
-                        if reference is not None:  # the raw policy: one DDP forward per backward
-                            kl = _kl_to_reference(policy, reference, ro, n, c_mb, tr.kl_space)
+                        if v_ref is not None:  # on the surrogate's own forward: no second forward/backward
+                            kl = _kl(v_c, v_ref, ro, n, tr.kl_space)
                             loss = loss + tr.kl_coef * kl
                             kls.append(float(kl.detach()))
                         loss = loss * share
@@ -460,16 +464,24 @@ def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
     }
 
 
-def _kl_to_reference(policy: Any, reference: Any, ro: Any, n: int, cond: Any, space: str) -> Tensor:
-    """KL regulariser at the recorded state n, CFG-free: ``mean ||v_theta - v_ref||^2`` (velocity) or the
-    Gaussian KL of the SDE transition, ``sde_kl_factor * mean ||v_theta - v_ref||^2`` (mean)."""
+@torch.no_grad()
+def _reference_velocity(policy: Any, reference: Any | None, ro: Any, n: int, cond: Any) -> Tensor:
+    """The frozen reference's conditional velocity [b, C, H, W] fp32 at the recorded state n: the copy
+    ``reference``, or, for a LoRA run (``reference`` None), the policy with its adapters disabled (the
+    base weights themselves, so no copy of the model is kept)."""
     x_n = ro.state(n)  # [b, C, H, W]
-    t = float(ro.timesteps[n])
-    t_n = torch.full((x_n.shape[0],), t, dtype=torch.float32, device=x_n.device)  # [b]
-    v = policy.velocity(x_n, t_n, cond).float()
-    with torch.no_grad():
-        v_ref = reference.velocity(x_n, t_n, cond).float()
+    t_n = torch.full((x_n.shape[0],), float(ro.timesteps[n]), dtype=torch.float32, device=x_n.device)  # [b]
+    if reference is not None:
+        return reference.velocity(x_n, t_n, cond).float()
+    with adapters_disabled(policy):
+        return policy.velocity(x_n, t_n, cond).float()
+
+
+def _kl(v: Tensor, v_ref: Tensor, ro: Any, n: int, space: str) -> Tensor:
+    """KL regulariser at the recorded state n, CFG-free, on the policy's conditional velocity v (with
+    grad): ``mean ||v - v_ref||^2`` (velocity) or the Gaussian KL of the SDE transition,
+    ``sde_kl_factor * mean ||v - v_ref||^2`` (mean; Flow-GRPO, Liu et al. 2025, eq. 6)."""
     sq = (v - v_ref).square().mean()
     if space == "mean":
-        sq = sq * sde_kl_factor(t, float(ro.timesteps[n + 1]), ro.noise_level)
+        sq = sq * sde_kl_factor(float(ro.timesteps[n]), float(ro.timesteps[n + 1]), ro.noise_level)
     return sq

@@ -11,6 +11,8 @@ here and a diffusers transformer later (issue #8); ``target_modules`` is a regex
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,27 @@ def add_lora(policy: torch.nn.Module, rank: int, alpha: float, targets: str = TI
         if "lora_" in name:
             params.append(p)
     return params
+
+
+@contextmanager
+def adapters_disabled(policy: torch.nn.Module) -> Iterator[None]:
+    """Run ``policy`` as its base model: every LoRA layer's adapters off, then back on.
+
+    A LoRA run's frozen base weights are exactly the reference policy of the KL term, so no copy of the
+    model is needed (TRL's PPO and DPO trainers take their reference the same way). peft's
+    ``enable_adapters`` also toggles the adapters' ``requires_grad``: call this outside a forward whose
+    backward is still to come.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in policy.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
 
 
 def merged_copy(policy: torch.nn.Module) -> torch.nn.Module:
