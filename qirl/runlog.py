@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 from qirl.checkpoint import latest_checkpoint
-from qirl.config import dump_recipe
+from qirl.config import dump_recipe, to_dict
 from qirl.data import atomic_write_text
 from qirl.errors import UserError
 from qirl.files import read_text
@@ -63,15 +64,20 @@ def start_metrics(out: Path, recipe: Any, resumed_step: int | None) -> Path:
 
 
 class MetricsLog:
-    """Appends metric rows to ``metrics.jsonl`` and, when TensorBoard is installed, to ``<out>/tb``.
+    """Appends metric rows to ``metrics.jsonl`` and, when asked, to TensorBoard and Weights & Biases.
 
-    TensorBoard is optional (``pip install tensorboard``): the JSONL is the record, the event files are
-    a view of it. Only finite scalar values are sent there, keyed as in the JSONL.
+    The JSONL is the record; the others are views of it, sent only finite scalar values keyed as in the
+    JSONL, at the row's ``step``. TensorBoard (``<out>/tb``) is written when it is installed. Weights &
+    Biases runs only when asked for (``run.wandb``) and must then be installed (``pip install
+    'qirl[wandb]'``); its run lives in ``<out>/wandb`` with an id derived from the run folder, so a
+    resumed run continues the same W&B run. ``WANDB_MODE=offline`` keeps it on disk (``wandb sync``
+    uploads it later), as on a cluster without internet.
     """
 
-    def __init__(self, path: Path, tensorboard: bool = True) -> None:
+    def __init__(self, path: Path, tensorboard: bool = True, wandb: dict[str, Any] | None = None) -> None:
         self.path = path
         self.writer = None
+        self.wandb = _start_wandb(path.parent, **wandb) if wandb is not None else None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -82,15 +88,43 @@ class MetricsLog:
 
     def append(self, row: dict[str, Any]) -> None:
         append_metrics(self.path, row)
-        if self.writer is not None and "step" in row:
-            for key, value in row.items():
-                if key not in ("step", "total") and isinstance(value, (int, float)) and value == value:
-                    self.writer.add_scalar(key, value, row["step"])
+        if "step" not in row:
+            return
+        scalars = {
+            k: v
+            for k, v in row.items()
+            if k not in ("step", "total") and isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+        }
+        if self.writer is not None:
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, row["step"])
             self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=int(row["step"]))
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _start_wandb(out: Path, project: str, config: dict[str, Any], resumed: bool) -> Any:
+    """A W&B run for the run folder ``out``: id from the folder's absolute path, resumed on --resume."""
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("run.wandb=true needs Weights & Biases: pip install 'qirl[wandb]'") from None
+    run_id = "qirl-" + hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:12]
+    return wandb.init(
+        project=project,
+        name=out.name,
+        id=run_id,
+        dir=str(out),
+        config=config,
+        resume="allow" if resumed else None,
+        reinit="create_new",
+    )
 
 
 class _NullLog:
@@ -104,7 +138,12 @@ class _NullLog:
 
 
 def open_metrics(out: Path, recipe: Any, resumed_step: int | None, tensorboard: bool, is_main: bool = True) -> Any:
-    """`start_metrics` + `MetricsLog` on rank 0; a log that drops rows on the other ranks."""
+    """`start_metrics` + `MetricsLog` on rank 0 (W&B when ``recipe.run.wandb``); a log that drops rows on
+    the other ranks."""
     if not is_main:
         return _NullLog()
-    return MetricsLog(start_metrics(out, recipe, resumed_step), tensorboard)
+    run = getattr(recipe, "run", None)
+    wandb = None
+    if getattr(run, "wandb", False):
+        wandb = {"project": run.wandb_project, "config": to_dict(recipe), "resumed": resumed_step is not None}
+    return MetricsLog(start_metrics(out, recipe, resumed_step), tensorboard, wandb)

@@ -338,3 +338,25 @@ def test_combined_advantage_normalises_the_weighted_mean_once():
     torch.testing.assert_close(adv[0], expected, atol=1e-5, rtol=1e-5)
     per = advantages(rewards, weights, GrpoTrain(adv_clip=100.0, adv_eps=1e-9))
     assert per[0, 1] > adv[0, 1]  # per-reward scales the tiny spread of reward 2 up to +-1 x 3
+
+
+def test_wandb_offline_logs_the_metrics_rows(tmp_path, monkeypatch):
+    """run.wandb=true writes an offline W&B run beside metrics.jsonl with the same scalar keys."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = rows(recipe(tmp_path / "w", "train.iterations=2", "run.wandb=true", "run.tensorboard=false"))
+    assert out[-1]["done"]
+    files = list((tmp_path / "w" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 1
+    data = files[0].read_bytes()
+    for key in ("reward/oracle_alignment", "ratio_mean", "grad_norm"):
+        assert key.encode() in data, key
+
+
+def test_wandb_asked_for_but_missing_is_a_user_error(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
+    with pytest.raises(UserError, match=r"run.wandb=true needs Weights & Biases"):
+        rows(recipe(tmp_path / "m", "train.iterations=1", "run.wandb=true"))

@@ -80,6 +80,8 @@ class TrainRun:
     checkpoint_every: int = 10
     keep_checkpoints: int = 2
     tensorboard: bool = True  # also write <out_dir>/tb when tensorboard is installed
+    wandb: bool = False  # also log to Weights & Biases (<out_dir>/wandb; pip install 'qirl[wandb]')
+    wandb_project: str = "qirl"
     checkpoint_format: str = "full"  # full: one safetensors set (rank 0 gathers) | sharded: per-rank DCP shards
 
 
