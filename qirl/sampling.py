@@ -431,6 +431,7 @@ def sample_sde(
     uncond: Condition | None = None,
     keep_all_states: bool = False,
     step_noise: dict[int, Tensor] | None = None,
+    cond_logprobs: bool = True,
 ) -> Rollout:
     """GRPO rollout: SDE steps with log-probs on the trained window, Euler ODE steps elsewhere.
 
@@ -452,6 +453,9 @@ def sample_sde(
     seeded generator makes the rollout deterministic. ``step_noise`` {n: [B, C, H, W]} gives them
     instead (data-parallel GRPO draws the global batch's noises once and hands each rank its rows, so
     the result does not depend on the number of processes). Runs without grad.
+
+    ``cond_logprobs=False`` skips the `hybrid` mode's second log-prob (``logps_cond`` stays NaN): for
+    callers that want the trajectory, not a GRPO ratio (distillation, curation).
 
     Memory kept per rollout (fp32): (S + 1) B C H W for the states and latents (S = K + 1 for a
     contiguous window of K steps) plus 2 N B log-probs.
@@ -491,7 +495,7 @@ def sample_sde(
             v_c, x, eps, t, dt, noise_level, v_uncond=v_u, guidance=guidance if cfg else 1.0
         )
         logps_rollout[n] = out.logp
-        if logps_cond is not None:
+        if logps_cond is not None and cond_logprobs:
             logps_cond[n] = (
                 out.logp if v_u is None else ops.sde_logprob(v_c, x, out.x_next, t, dt, noise_level)
             )

@@ -261,14 +261,14 @@ def _score_groups(
         idx = list(range(start, min(start + s.batch_prompts, len(records))))
         rows = [i for i in idx for _ in range(g)]  # prompt index of each image
         prompts = [records[i].prompt for i in rows]
-        srcs = [sources[i] for i in rows]
         if s.shared_noise:  # the spread within a group then comes from the SDE steps only, as in GRPO
             noise = torch.stack([image_noise(recipe.seed, i * g, shape) for i in idx for _ in range(g)])
         else:
             noise = torch.stack([image_noise(recipe.seed, i * g + j, shape) for i in idx for j in range(g)])
         gen = torch.Generator(device=policy.device).manual_seed(recipe.seed * 1_000_003 + start)
         with torch.no_grad():
-            cond = policy.encode(prompts, srcs)
+            # each prompt is encoded once; its G rows share the condition, as in GRPO
+            cond = policy.encode([records[i].prompt for i in idx], [sources[i] for i in idx]).repeat_interleave(g)
             rollout = sample_sde(
                 policy,
                 cond,
@@ -280,6 +280,7 @@ def _score_groups(
                 sde_window=list(range(s.window_start, s.window_start + s.window_size)) if s.window_size else None,
                 generator=gen,
                 noise=noise.to(policy.device),
+                cond_logprobs=False,  # only the images are scored
             )
             images = policy.decode(rollout.latents).float().cpu()  # [b*G, 3, H, W]
         rrecs = [

@@ -362,6 +362,7 @@ def rollout_states(
         noise=noise,
         keep_all_states=True,
         step_noise=step_noise or None,
+        cond_logprobs=False,  # distillation needs the states, not a GRPO ratio
     )
     return ro.states
 
