@@ -383,7 +383,8 @@ class Rollout:
         """[N, B] fp32: the old log-probs the GRPO ratio compares `trajectory_logprob` against.
 
         The conditional ones in `hybrid` and `none` (the objective is CFG-free), the guided ones in
-        `both` (the objective keeps guidance, as in Flow-GRPO).
+        `both` (the objective keeps guidance, Flow-GRPO's setting; see `trajectory_logprob` for whether
+        the unconditional branch is trained).
         """
         return self.logps_rollout if self.logps_cond is None else self.logps_cond
 
@@ -526,6 +527,7 @@ def trajectory_logprob(
     uncond: Condition | None = None,
     guidance: float | None = None,
     return_velocity: bool = False,
+    detach_uncond: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Log-prob [B] fp32, WITH grad, of the recorded transition n -> n + 1 under the current policy.
 
@@ -537,6 +539,8 @@ def trajectory_logprob(
     unchanged this gives back ``rollout.logps_old[n]`` (up to float reassociation).
     ``return_velocity``: also return the conditional velocity v_c [B, C, H, W] fp32 of that forward
     (with grad), so a KL term on it costs no second forward and backward.
+    ``detach_uncond`` (`both` only): treat v_u as a constant, so the gradient reaches the weights through
+    ``s v_c`` alone; without it the unconditional branch also gets weight ``(1 - s)``.
     """
     if step_index not in rollout.trained_steps:
         raise UserError(
@@ -557,6 +561,8 @@ def trajectory_logprob(
     t, t_next = rollout.timesteps[step_index].item(), rollout.timesteps[step_index + 1].item()
     x, x_next = rollout.state(step_index), rollout.state(step_index + 1)  # [B, C, H, W] each
     v_c, v_u = _branch_velocities(policy, x, t, cond, uncond, guidance)
+    if detach_uncond and v_u is not None:
+        v_u = v_u.detach()
     logp = ops.sde_logprob(
         v_c,
         x,

@@ -166,6 +166,8 @@ def test_resume_is_exact(tmp_path):
         ("sampling.window_start=2", "out of range"),
         ("sampling.window_size=0", "out of range"),
         ("data.prompts=heldout-t2i", "evaluation set"),
+        ("sampling.detach_uncond=true", "cfg_mode both only"),
+        ("data.prompts=val-t2i", "evaluation set"),
         ("train.group_size=1", "group_size"),
     ],
 )

@@ -185,6 +185,33 @@ def test_gradients_reach_trainable_parameters(policy: FlowPolicy, cond: Conditio
             p.grad = None
 
 
+def test_detach_uncond_trains_through_the_conditional_branch_only(policy: FlowPolicy, cond: Condition) -> None:
+    """`both` + detach_uncond: same log-prob; its gradient is that of the guided step with v_u held
+    constant (here: computed under no_grad), and differs from the undetached gradient."""
+    from qirl import ops
+
+    c = cond.index(slice(0, 2))
+    r = rollout(policy, c, cfg_mode="both")
+    n = r.trained_steps[-1]
+    params = policy.trainable_parameters()
+    logp = trajectory_logprob(policy, r, n, c, detach_uncond=True)
+    g_detached = torch.autograd.grad(logp.sum(), params, allow_unused=True)
+    g_full = torch.autograd.grad(trajectory_logprob(policy, r, n, c).sum(), params, allow_unused=True)
+    x, x_next = r.state(n), r.state(n + 1)
+    t, t_next = float(r.timesteps[n]), float(r.timesteps[n + 1])
+    tb = torch.full((2,), t)
+    with torch.no_grad():
+        v_u = policy.velocity(x, tb, policy.null_condition(c)).float()
+    v_c = policy.velocity(x, tb, c).float()
+    by_hand = ops.sde_logprob(v_c, x, x_next, t, t_next - t, r.noise_level, v_uncond=v_u, guidance=GUIDANCE)
+    torch.testing.assert_close(logp.detach(), by_hand.detach(), atol=1e-5, rtol=1e-5)
+    g_hand = torch.autograd.grad(by_hand.sum(), params, allow_unused=True)
+    pairs = [(a, b, f) for a, b, f in zip(g_detached, g_hand, g_full, strict=True) if a is not None]
+    for a, b, _ in pairs:
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert any(not torch.allclose(a, f, atol=1e-6) for a, _, f in pairs)
+
+
 def test_user_errors(policy: FlowPolicy, cond: Condition) -> None:
     def one_line(exc: pytest.ExceptionInfo[UserError]) -> None:
         assert "\n" not in str(exc.value)

@@ -105,6 +105,7 @@ class GrpoSampling:
     window_size: int = 4  # number of trained steps
     window_slide: int = 0  # > 0: the window moves one step towards t = 0 every this many iterations, wrapping
     shared_noise: bool = True  # one initial noise per group (DanceGRPO): the spread comes from the SDE steps
+    detach_uncond: bool = False  # cfg_mode both: no gradient through the unconditional branch
 
 
 @dataclass
@@ -157,6 +158,8 @@ def validate(recipe: GrpoRecipe, world_size: int = 1) -> None:
     s, t = recipe.sampling, recipe.train
     if s.cfg_mode not in CFG_MODES:
         raise UserError(f"sampling.cfg_mode must be one of {', '.join(CFG_MODES)}, got {s.cfg_mode!r}")
+    if s.detach_uncond and s.cfg_mode != "both":
+        raise UserError(f"sampling.detach_uncond applies to cfg_mode both only (cfg_mode is {s.cfg_mode!r})")
     if s.num_steps < 1:
         raise UserError(f"sampling.num_steps must be >= 1, got {s.num_steps}")
     if s.window_size < 1 or s.window_start < 0 or s.window_start + s.window_size > s.num_steps:
@@ -375,7 +378,9 @@ def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
                     # switched off, which must not happen between the forward and its backward.
                     v_ref = _reference_velocity(policy, reference, ro, n, c_mb) if tr.kl_coef > 0 else None
                     with sync_gradients(view, last=(k, n) == passes[-1]):
-                        logp, v_c = trajectory_logprob(view, ro, n, c_mb, return_velocity=True)  # [b - a], [b - a, C, H, W]
+                        logp, v_c = trajectory_logprob(
+                            view, ro, n, c_mb, return_velocity=True, detach_uncond=s.detach_uncond
+                        )  # [b - a], [b - a, C, H, W]
                         a_mb = adv[a:b].to(logp.device)  # [b - a]
                         ratio = torch.exp(logp - ro.logps_old[n])
                         clipped = ratio.clamp(1 - tr.clip_range, 1 + tr.clip_range)
