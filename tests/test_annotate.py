@@ -13,24 +13,20 @@ import pytest
 
 from qirl.errors import UserError
 from qirl.rewards.annotate import (
-    LEVELS,
     PAIRWISE_FEATURES,
     POINTWISE_FEATURES,
     AnnotateConfig,
-    Truth,
     annotate,
-    judge_t2i,
     likert,
     noisy_likert,
-    perturb,
     prefer,
-    rankdata,
-    reasons_from_items,
-    spearman,
 )
 from qirl.shapes import Scene, random_t2i_record
 from qirl.shapes.checklist import ALIGNMENT, FIDELITY, QUALITY, Item
 from qirl.shapes.edit_oracle import PRESERVATION, SUCCESS
+from qirl.shapes.judge import LEVELS, Truth, judge_t2i, reasons_from_items
+from qirl.shapes.perturb import perturb
+from qirl.stats import rankdata, spearman
 
 SPLITS = ("pointwise", "pointwise_test", "pairwise", "pairwise_test")
 # The contract with the reward-model trainer, spelled out so that a change to the constants fails here.

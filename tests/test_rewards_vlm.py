@@ -40,9 +40,9 @@ from qirl.rewards.vlm.prompting import (
 )
 from qirl.rewards.vlm.tokenizer import ASSET_DIR, SCORE_TOKENS, load_embedded_tokenizer
 from qirl.rewards.vlm.toy import save_toy_annotations, toy_annotations
-from qirl.rewards.vlm.train import rankdata
 from qirl.shapes import random_edit_record, random_t2i_record
 from qirl.shapes.scene import Scene
+from qirl.stats import rankdata
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -137,7 +137,9 @@ def test_embedded_tokenizer_has_single_token_digits_and_qwen_specials() -> None:
 
 def test_annotation_reasons_are_in_the_vocabulary() -> None:
     """The CoT targets are the annotation generator's reason phrases: the model must be able to say them."""
-    annotate = pytest.importorskip("qirl.rewards.annotate")
+    from qirl.shapes.judge import judge_t2i
+    from qirl.shapes.perturb import perturb
+
     tok = load_embedded_tokenizer()
     rng = np.random.default_rng(7)
     phrases = set()
@@ -145,8 +147,8 @@ def test_annotation_reasons_are_in_the_vocabulary() -> None:
         rec = random_t2i_record(rng)
         scene = Scene.from_dict(rec["scene"])
         for kind in ("wrong_object", "missing_object", "extra_object", "blur", "noise", "distorted_shape"):
-            img = np.clip(annotate.perturb(scene, kind, 32, rng), 0, 1)
-            phrases.update(annotate.judge_t2i(img, rec["prompt"]).reasons)
+            img = np.clip(perturb(scene, kind, 32, rng), 0, 1)
+            phrases.update(judge_t2i(img, rec["prompt"]).reasons)
     assert phrases
     unknown = {
         w
@@ -350,7 +352,8 @@ def test_missing_split_or_column_is_a_user_error(tmp_path: Path) -> None:
 
 def test_trains_on_the_annotation_generators_output(tmp_path: Path) -> None:
     """The schema as `qirl.rewards.annotate` writes it (edits with source images, its reasons)."""
-    annotate = pytest.importorskip("qirl.rewards.annotate")
+    from qirl.rewards import annotate
+
     config = annotate.AnnotateConfig(
         out_dir=str(tmp_path / "ann"),
         n_prompts=8,

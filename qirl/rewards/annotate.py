@@ -19,17 +19,10 @@ Cost: the model samples dominate. A sample at guidance g and n steps costs n for
 (one batched [cond; uncond] pass); the default grid averages 18.9 image-forwards per sample, so the
 default pool (1200 samples + 1200 renders) is ~22,600 image-forwards of the tiny DiT.
 
-Truth (`judge_t2i`, `judge_edit`): the oracle's pillars on 0-100, grouped into the report's four levels:
-- consistency: T2I: the mean of the Alignment and (creative prompts only) Creative Generation pillars;
-  edit: sqrt(success * preservation), the oracle's geometric mean without its quality factor, so an
-  edit that was not done, or that wrecked the rest of the image, is inconsistent.
-- distortion: the Real-world Fidelity pillar (well-formed, intact shapes; per requested object in T2I).
-- texture: the Quality pillar (stray marks, palette colours, clean background, sharp edges).
-- aesthetics: the Aesthetics pillar (inside the frame, contrast, spacing, object scale).
-Per image also: `valid` (the oracle detects at least one object: a blank canvas or pure noise is not
-a sample of anything), `figure_distortion` (some detected shape has regular_geometry 0 or is
-fragmented / smeared: intact_objects < 2) and `reasons`, short phrases for every failed (0) or partial
-(1) checklist item in level order, e.g. "the red circle is missing", "edges are blurry".
+Truth (`qirl.shapes.judge`: `judge_t2i`, `judge_edit`): the oracle's pillars on 0-100, grouped into the
+report's four levels consistency, distortion, texture and aesthetics, plus `valid`, `figure_distortion`
+and the `reasons` a chain-of-thought model learns to write. The perturbed renders are
+`qirl.shapes.perturb`.
 
 The annotator model. Pointwise labels: the latent score of a dimension (quality = mean of texture and
 aesthetics; fidelity = distortion; alignment = consistency) is perceived with Gaussian noise,
@@ -59,13 +52,12 @@ from __future__ import annotations
 import io
 import json
 import math
-import re
 import shutil
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from itertools import combinations, product
 from pathlib import Path
 from typing import Any
@@ -77,44 +69,17 @@ from PIL import Image
 
 from qirl.data import publish_mode
 from qirl.errors import UserError
-from qirl.shapes import (
-    BACKGROUNDS,
-    COLORS,
-    SHAPES,
-    SIZES,
-    Scene,
-    random_edit_record,
-    random_t2i_record,
-    render,
-    score_edit,
-    score_t2i,
-)
-from qirl.shapes.checklist import (
-    AESTHETICS,
-    ALIGNMENT,
-    CREATIVE,
-    FIDELITY,
-    QUALITY,
-    Item,
-    image_items,
-    pillar_scores,
-)
-from qirl.shapes.detect import Analysis, analyse
-from qirl.shapes.edit_oracle import PRESERVATION, SUCCESS
-from qirl.shapes.scene import CIRCUMRADIUS, RELATIONS, is_valid, place_objects
+from qirl.shapes import Scene, random_edit_record, random_t2i_record, render
+from qirl.shapes.judge import LEVELS, Truth, judge_edit, judge_t2i
+from qirl.shapes.perturb import PERTURBATIONS, perturb
+from qirl.stats import spearman
 
 __all__ = [
-    "LEVELS", "LIKERT_CUTS", "LIKERT_DIMS", "PAIRWISE_FEATURES", "PERTURBATIONS", "POINTWISE_FEATURES",
-    "AnnotateConfig", "Truth", "annotate", "draw_prompts", "judge_edit", "judge_t2i", "likert",
-    "noisy_likert", "perturb", "prefer", "rankdata", "reasons_from_items", "spearman",
+    "LIKERT_CUTS", "LIKERT_DIMS", "PAIRWISE_FEATURES", "POINTWISE_FEATURES", "AnnotateConfig", "annotate",
+    "draw_prompts", "likert", "noisy_likert", "prefer",
 ]
 
-LEVELS: tuple[str, ...] = ("consistency", "distortion", "texture", "aesthetics")
 LIKERT_CUTS: tuple[float, float, float, float] = (25.0, 50.0, 75.0, 95.0)
-PERTURBATIONS: tuple[str, ...] = (
-    "clean", "blur", "noise", "colour_shift", "wrong_object", "missing_object", "extra_object",
-    "distorted_shape", "unchanged",
-)
 _T2I_PERTURBATIONS = PERTURBATIONS[1:-1]  # "clean" comes first in every pool; "unchanged" is edit-only
 _EDIT_PERTURBATIONS = PERTURBATIONS[1:]
 _CREATIVE_SHARE = 1 / 6  # share of T2I prompts with a held-out (shape, colour) pair, as in builtin_prompts
@@ -197,206 +162,6 @@ class AnnotateConfig:
         return self.samples_per_prompt - round(self.samples_per_prompt * self.perturbed_fraction)
 
 
-# ---------------------------------------------------------------------------------------- truth
-
-
-@dataclass(frozen=True)
-class Truth:
-    """The noiseless judgement of one image: the four levels on 0-100 and the auxiliary attributes."""
-
-    consistency: float
-    distortion: float
-    texture: float
-    aesthetics: float
-    overall: float  # the oracle's own overall score
-    valid: bool
-    figure_distortion: bool
-    reasons: tuple[str, ...] = ()
-
-    @property
-    def quality(self) -> float:
-        """Latent of the Likert `quality` label: mean of the texture and aesthetics levels."""
-        return 0.5 * (self.texture + self.aesthetics)
-
-    def latent(self, dim: str) -> float:
-        """Latent 0-100 score of a Likert dimension (quality, fidelity, alignment)."""
-        return {"quality": self.quality, "fidelity": self.distortion, "alignment": self.consistency}[dim]
-
-
-def _pillar(items: Sequence[Item], pillar: str, default: float = 100.0) -> float:
-    value = pillar_scores(list(items), (pillar,))[pillar]
-    return default if value is None else value
-
-
-def _aux(an: Analysis) -> tuple[bool, bool, list[Item]]:
-    """(valid, figure_distortion, image-level items) of one analysed image."""
-    items = image_items(an, geometry=True)
-    values = {i.name: i.value for i in items}
-    valid = bool(an.objects)
-    distorted = valid and (values["regular_geometry"] == 0 or values["intact_objects"] < 2)
-    return valid, bool(distorted), items
-
-
-def judge_t2i(image: np.ndarray, prompt: str) -> Truth:
-    """Noiseless judgement of a text-to-image sample [S, S, 3] in [0, 1] (see the module docstring)."""
-    score = score_t2i(image, prompt)
-    valid, distorted, _ = _aux(analyse(image))
-    consistency = [v for p, v in score.pillars.items() if p in (ALIGNMENT, CREATIVE) and v is not None]
-    return Truth(
-        consistency=float(np.mean(consistency)),
-        distortion=_pillar(score.items, FIDELITY),
-        texture=_pillar(score.items, QUALITY),
-        aesthetics=_pillar(score.items, AESTHETICS),
-        overall=float(score.overall),
-        valid=valid,
-        figure_distortion=distorted,
-        reasons=tuple(reasons_from_items(score.items)),
-    )
-
-
-def judge_edit(source: np.ndarray, instruction: str, image: np.ndarray) -> Truth:
-    """Noiseless judgement of an edit output [S, S, 3] against its source and instruction."""
-    score = score_edit(source, instruction, image)
-    valid, distorted, own = _aux(analyse(image))
-    aesthetic = [i for i in own if i.pillar == AESTHETICS]
-    return Truth(
-        consistency=math.sqrt(score.success * score.preservation),
-        distortion=_pillar(score.items, FIDELITY),
-        texture=_pillar(score.items, QUALITY),
-        aesthetics=_pillar(aesthetic, AESTHETICS),
-        overall=float(score.overall),
-        valid=valid,
-        figure_distortion=distorted,
-        reasons=tuple(reasons_from_items(score.items + aesthetic)),
-    )
-
-
-# -------------------------------------------------------------------------------------- reasons
-
-_NUMBERS = {"2": "two", "3": "three", "4": "four", "5": "five", "6": "six"}
-_IMAGE_REASONS: dict[str, tuple[str, str]] = {  # item name -> (phrase at 0, phrase at 1)
-    "no_stray_marks": ("there are many stray marks", "there are a few stray marks"),
-    "palette_colours": ("the colours are off", "the colours are slightly off"),
-    "clean_background": ("the background is noisy or uneven", "the background is slightly noisy"),
-    "sharp_edges": ("edges are blurry", "edges are slightly soft"),
-    "inside_frame": ("an object is cut off by the frame", "an object touches the frame"),
-    "contrast": ("an object barely stands out from the background", "the contrast is weak"),
-    "spacing": ("objects touch or overlap", "objects are crowded together"),
-    "object_scale": ("an object is far too small or too large", "an object is a bit too small or too large"),
-    "regular_geometry": ("a shape is badly distorted", "a shape is slightly distorted"),
-    "clear_shape": ("a shape is ambiguous", "a shape is slightly ambiguous"),
-    "intact_objects": ("objects are broken into fragments", "an object is fragmented or smeared"),
-}
-_EDIT_REASONS: dict[str, tuple[str, str]] = {  # success item (the edit kind) -> (at 0, at 1)
-    "recolour": ("the object was not recoloured", "the object got the wrong new colour"),
-    "move": ("the object was not moved", "the object moved too little"),
-    "add": ("the requested object was not added", "the added object has the wrong size or place"),
-    "remove": ("the object was not removed", "the object was only partly removed"),
-    "resize": ("the object was not resized", "the object was resized too little"),
-    "background": ("the background was not changed", "the new background colour is off"),
-}
-_LEVEL_OF = {ALIGNMENT: 0, CREATIVE: 0, SUCCESS: 0, PRESERVATION: 0, FIDELITY: 1, QUALITY: 2, AESTHETICS: 3}
-_RELATION = re.compile(rf"^(?P<a>.+) (?P<rel>{'|'.join(RELATIONS)}) (?P<b>.+)$")
-
-
-def _words(desc: str) -> tuple[str, bool]:
-    """An oracle object description in words, and whether it is plural ('2 blue squares' -> 'two ...')."""
-    count, _, rest = desc.partition(" ")
-    if count.isdigit():
-        return f"{_NUMBERS.get(count, count)} {rest}", True
-    return desc, False
-
-
-def _the(desc: str) -> str:
-    """'red circle' -> 'the red circle'; '2 blue squares' -> 'one of the two blue squares'."""
-    words, plural = _words(desc)
-    return f"one of the {words}" if plural else f"the {words}"
-
-
-def _instance_reasons(name: str, attrs: dict[str, int | None]) -> tuple[list[str], list[str]]:
-    """(consistency, distortion) phrases for one requested object instance ('<desc>#k') from its
-    Alignment and Fidelity items; a missing object is one reason, not six."""
-    who = _the(name.rsplit("#", 1)[0])
-    shape, colour = attrs.get("shape"), attrs.get("colour")
-    if shape == 0 and colour in (0, None):
-        return [f"{who} is missing"], []
-    align = []
-    if shape == 0:
-        align.append(f"{who} has the wrong shape")
-    if colour == 0:
-        align.append(f"{who} has the wrong colour")
-    align += {0: [f"{who} is the wrong size"], 1: [f"{who} is slightly the wrong size"]}.get(
-        attrs.get("size"), [])
-    align += {0: [f"{who} is in the wrong place"], 1: [f"{who} is only just in the requested place"]}.get(
-        attrs.get("position"), [])
-    form = {0: [f"{who} is malformed"], 1: [f"{who} is slightly malformed"]}.get(attrs.get("geometry"), [])
-    form += {0: [f"{who} does not clearly read as its shape"], 1: [f"{who} is a little ambiguous"]}.get(
-        attrs.get("clear shape"), [])
-    return align, form
-
-
-def reasons_from_items(items: Sequence[Item]) -> list[str]:
-    """Short phrases for every failed (0) or partial (1) checklist item, in the priority order of
-    LEVELS (consistency, distortion, texture, aesthetics), without repeats."""
-    by_level: list[list[str]] = [[] for _ in LEVELS]
-    instances: dict[str, dict[str, int | None]] = {}
-    for it in items:  # gather per-instance attributes first: a missing object is one reason, not six
-        if "#" in it.name and ": " in it.name and it.pillar in (ALIGNMENT, FIDELITY):
-            inst, attr = it.name.rsplit(": ", 1)
-            instances.setdefault(inst, {})[attr] = it.value
-    done: set[str] = set()
-    for it in items:
-        level = _LEVEL_OF.get(it.pillar)
-        if level is None:
-            continue
-        name, value = it.name, it.value
-        if "#" in name and ": " in name and it.pillar in (ALIGNMENT, FIDELITY):
-            inst = name.rsplit(": ", 1)[0]
-            if inst not in done:
-                done.add(inst)
-                align, form = _instance_reasons(inst, instances[inst])
-                by_level[0] += align
-                by_level[1] += form
-            continue
-        if value is None or value == 2:
-            continue
-        phrase: str | None = None
-        if it.pillar == SUCCESS:
-            phrase = _EDIT_REASONS.get(name, ("the edit was not done", "the edit was partly done"))[value]
-        elif it.pillar == PRESERVATION:
-            if name.startswith("keep "):
-                what = name[len("keep "):].rsplit("#", 1)[0]
-                phrase = (f"the {what} was not preserved", f"the {what} shifted or resized slightly")[value]
-            elif name.endswith(": rest kept"):  # "<recoloured|moved|resized> <colour> <shape>: rest kept"
-                what = name[: -len(": rest kept")].split(" ", 1)[-1]
-                phrase = (f"the edited {what} changed beyond the edit",
-                          f"the edited {what} drifted slightly beyond the edit")[value]
-            elif name == "background":
-                phrase = ("the background changed", "the background shifted slightly")[value]
-            elif name.startswith("new object"):
-                phrase = "an unrequested object appeared"
-        elif name in _IMAGE_REASONS:
-            phrase = _IMAGE_REASONS[name][value]
-        elif name.startswith("extra object: "):
-            phrase = f"there is an extra {name[len('extra object: '):]}"
-        elif name == "background":
-            phrase = ("the background is the wrong colour", "the background colour is slightly off")[value]
-        elif name.endswith(": count"):
-            desc = _words(name[: -len(": count")])[0]
-            counts = (f"the count is wrong: expected {desc}", f"the count is off by one: expected {desc}")
-            phrase = counts[value]
-        elif name.endswith("novel combination"):
-            desc = _words(name[: -len(": novel combination")])[0] or "object"
-            phrase = (f"the novel {desc} is missing", f"the novel {desc} is poorly formed")[value]
-        elif (m := _RELATION.match(name)) is not None:
-            (a, plural), (b, _) = _words(m["a"]), _words(m["b"])
-            rel, verb = m["rel"], "are" if plural else "is"
-            phrase = (f"the {a} {verb} not {rel} the {b}", f"the {a} {verb} only barely {rel} the {b}")[value]
-        if phrase is not None:
-            by_level[level].append(phrase)
-    return list(dict.fromkeys(p for level in by_level for p in level))
-
-
 # -------------------------------------------------------------------------------------- labels
 
 
@@ -428,124 +193,6 @@ def prefer(a: Truth, b: Truth, tie_threshold: float) -> tuple[float, str]:
         if abs(d) >= tie_threshold and d != 0:
             return (1.0 if d > 0 else 0.0), level
     return 0.5, "tie"
-
-
-def rankdata(x: Sequence[float] | np.ndarray) -> np.ndarray:
-    """Ranks 1..n with ties given their average rank (scipy.stats.rankdata's 'average')."""
-    x = np.asarray(x, dtype=np.float64)
-    order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(len(x), dtype=np.float64)
-    ranks[order] = np.arange(1, len(x) + 1)
-    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
-    sums = np.bincount(inverse, weights=ranks)
-    return sums[inverse] / counts[inverse]
-
-
-def spearman(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> float:
-    """Spearman's rank correlation: Pearson's r of the (tie-averaged) ranks; NaN if either is constant."""
-    rx, ry = rankdata(x), rankdata(y)
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    denom = math.sqrt(float((rx * rx).sum() * (ry * ry).sum()))
-    return float((rx * ry).sum() / denom) if denom > 0 else float("nan")
-
-
-# --------------------------------------------------------------------------------- perturbations
-
-
-def _blur(img: np.ndarray, sigma: float) -> np.ndarray:
-    """Separable Gaussian blur (sigma in pixels), edges padded by replication."""
-    r = max(1, int(math.ceil(3 * sigma)))
-    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
-    k /= k.sum()
-    p = np.pad(img, ((r, r), (r, r), (0, 0)), mode="edge")
-    rows = sum(k[i] * p[i : i + img.shape[0], :, :] for i in range(2 * r + 1))  # [H, W + 2r, 3]
-    return sum(k[i] * rows[:, i : i + img.shape[1], :] for i in range(2 * r + 1))  # [H, W, 3]
-
-
-def _bilinear(img: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
-    """Sample img [H, W, 3] at fractional pixel coordinates (clamped to the image)."""
-    h, w = img.shape[:2]
-    ys, xs = np.clip(ys, 0, h - 1), np.clip(xs, 0, w - 1)
-    y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
-    y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
-    fy, fx = (ys - y0)[..., None], (xs - x0)[..., None]
-    top = img[y0, x0] * (1 - fx) + img[y0, x1] * fx
-    bottom = img[y1, x0] * (1 - fx) + img[y1, x1] * fx
-    return top * (1 - fy) + bottom * fy
-
-
-def _distort(scene: Scene, size: int, rng: np.random.Generator) -> np.ndarray:
-    """Render with one object warped by a smooth sinusoidal displacement (or, 1 time in 3, cut in two)."""
-    img = render(scene, size)
-    o = scene.objects[int(rng.integers(len(scene.objects)))]
-    cx, cy, rad = o.x * size, o.y * size, o.radius * CIRCUMRADIUS[o.shape] * size  # pixels
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5  # pixel centres
-    if rng.random() < 1 / 3:  # a background-coloured cut through the object: two fragments
-        angle = rng.uniform(0, math.pi)
-        dist = np.abs((xx - cx) * math.sin(angle) - (yy - cy) * math.cos(angle))
-        cut = (dist < 0.06 * size) & (np.hypot(xx - cx, yy - cy) < rad + 1)
-        img[cut] = BACKGROUNDS[scene.background]
-        return img
-    amp = rng.uniform(0.05, 0.09) * size
-    wavelength = rng.uniform(0.8, 1.6) * rad
-    window = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * (1.3 * rad) ** 2))
-    ph = rng.uniform(0, 2 * math.pi, size=2)
-    dx = amp * np.sin(2 * math.pi * yy / wavelength + ph[0]) * window
-    dy = amp * np.sin(2 * math.pi * xx / wavelength + ph[1]) * window
-    return _bilinear(img, yy + dy - 0.5, xx + dx - 0.5)
-
-
-def _wrong_object(scene: Scene, rng: np.random.Generator) -> Scene:
-    """One object gets another colour, shape or size (whichever keeps the scene valid first)."""
-    objs = list(scene.objects)
-    j = int(rng.integers(len(objs)))
-    o = objs[j]
-    options = [("color", c) for c in COLORS if c != o.color] + [("shape", s) for s in SHAPES if s != o.shape]
-    options += [("size", s) for s in SIZES if s != o.size]
-    for k in rng.permutation(len(options)):
-        key, value = options[k]
-        objs[j] = replace(o, **{key: value})
-        if is_valid(Scene(tuple(objs), scene.background)):
-            return Scene(tuple(objs), scene.background)
-    objs[j] = replace(o, color=next(c for c in COLORS if c != o.color))  # a recolour is always valid
-    return Scene(tuple(objs), scene.background)
-
-
-def perturb(
-    scene: Scene, kind: str, size: int, rng: np.random.Generator, source: Scene | None = None
-) -> np.ndarray:
-    """A render of `scene` [size, size, 3] in [0, 1] damaged by `kind` (one of PERTURBATIONS).
-
-    Strengths are drawn from `rng`: blur sigma 0.5-1.5 px (at 32 px), noise sd 0.03-0.15, a colour shift
-    of up to +-0.25 per channel, a warp of 5-9 % of the side. `unchanged` renders `source` (an edit that
-    was not done). A `missing_object` of a one-object scene is a blank canvas (an invalid sample).
-    """
-    px = size / 32
-    if kind == "clean":
-        return render(scene, size)
-    if kind == "blur":
-        return _blur(render(scene, size), rng.uniform(0.5, 1.5) * px)
-    if kind == "noise":
-        return render(scene, size) + rng.normal(0.0, rng.uniform(0.03, 0.15), (size, size, 3))
-    if kind == "colour_shift":
-        return render(scene, size) + rng.uniform(-0.25, 0.25, 3)
-    if kind == "wrong_object":
-        return render(_wrong_object(scene, rng), size)
-    if kind == "missing_object":
-        j = int(rng.integers(len(scene.objects)))
-        return render(Scene(scene.objects[:j] + scene.objects[j + 1 :], scene.background), size)
-    if kind == "extra_object":
-        attrs = [(SHAPES[rng.integers(len(SHAPES))], list(COLORS)[rng.integers(len(COLORS))],
-                  list(SIZES)[rng.integers(len(SIZES))])]
-        more = place_objects(rng, attrs, scene.background, scene.objects)
-        return render(more if more is not None else _wrong_object(scene, rng), size)
-    if kind == "distorted_shape":
-        return _distort(scene, size, rng)
-    if kind == "unchanged":
-        if source is None:
-            raise UserError("perturbation 'unchanged' needs the edit's source scene")
-        return render(source, size)
-    raise UserError(f"unknown perturbation {kind!r}; expected one of {', '.join(PERTURBATIONS)}")
 
 
 # ------------------------------------------------------------------------------------------ pool

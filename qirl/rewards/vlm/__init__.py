@@ -28,9 +28,9 @@ from qirl.rewards.vlm.train import (
     RewardTrain,
     RewardTrainRecipe,
     evaluate_reward_model,
-    spearman,
     train_reward_model,
 )
+from qirl.stats import spearman
 
 __all__ = [
     "RewardData",

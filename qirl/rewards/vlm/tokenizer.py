@@ -32,7 +32,7 @@ ASSET_DIR = Path(__file__).resolve().parents[2] / "assets" / "vlm"
 
 SCORE_TOKENS: tuple[str, ...] = ("1", "2", "3", "4", "5")
 
-# Words of reasoning texts beyond the grammar's: those of qirl.rewards.annotate's reason phrases are
+# Words of reasoning texts beyond the grammar's: those of qirl.shapes.judge's reason phrases are
 # also harvested from its judgements at build time (`_reason_corpus`); unknown words become <|unk|>,
 # so this list only has to be generous, not exact.
 REASON_WORDS = """
@@ -61,13 +61,11 @@ def template_words() -> list[str]:
 
 
 def _reason_corpus(n: int, seed: int) -> list[str]:
-    """Reason phrases of the annotation generator for perturbed renders of `n` prompts (T2I and
-    edits), when `qirl.rewards.annotate` is installed; the same words a CoT model must write."""
-    try:
-        from qirl.rewards import annotate
-    except ImportError:
-        return []
+    """Reason phrases of the Shapes judge (`qirl.shapes.judge`) for perturbed renders of `n` prompts
+    (T2I and edits): the same words a chain-of-thought reward model must write."""
     from qirl.shapes import Scene, random_edit_record, random_t2i_record, render
+    from qirl.shapes.judge import judge_edit, judge_t2i
+    from qirl.shapes.perturb import PERTURBATIONS, perturb
 
     rng = np.random.default_rng(seed)
     phrases: set[str] = set()
@@ -76,14 +74,14 @@ def _reason_corpus(n: int, seed: int) -> list[str]:
         rec = random_edit_record(rng) if edit else random_t2i_record(rng)
         scene = Scene.from_dict(rec["target_scene" if edit else "scene"])
         source = Scene.from_dict(rec["source_scene"]) if edit else None
-        for kind in annotate.PERTURBATIONS:
+        for kind in PERTURBATIONS:
             if kind == "unchanged" and source is None:
                 continue
-            img = np.clip(annotate.perturb(scene, kind, 32, rng, source=source), 0.0, 1.0)
+            img = np.clip(perturb(scene, kind, 32, rng, source=source), 0.0, 1.0)
             if source is not None:
-                truth = annotate.judge_edit(render(source, 32), rec["prompt"], img)
+                truth = judge_edit(render(source, 32), rec["prompt"], img)
             else:
-                truth = annotate.judge_t2i(img, rec["prompt"])
+                truth = judge_t2i(img, rec["prompt"])
             phrases.update(truth.reasons)
     return sorted(phrases)
 

@@ -49,6 +49,7 @@ from qirl.rewards.vlm.losses import bradley_terry_loss, lm_loss, pointwise_loss
 from qirl.rewards.vlm.model import VLMReward, VLMRewardConfig
 from qirl.rewards.vlm.prompting import MARKER, answer_prefix, reasoning_text
 from qirl.runlog import append_metrics, checkpoint_to_resume, start_metrics
+from qirl.stats import spearman
 
 
 @dataclass
@@ -93,24 +94,6 @@ class RewardTrainRecipe:
 
 
 # ------------------------------------------------------------------------------------------ metrics
-
-
-def rankdata(x: torch.Tensor) -> torch.Tensor:
-    """1-based ranks, ties given their average rank (scipy.stats.rankdata's 'average')."""
-    x = x.double().flatten()
-    ranks = torch.empty_like(x)
-    ranks[torch.argsort(x, stable=True)] = torch.arange(1, len(x) + 1, dtype=torch.float64)
-    _, inverse, counts = torch.unique(x, return_inverse=True, return_counts=True)
-    sums = torch.zeros(len(counts), dtype=torch.float64).index_add_(0, inverse, ranks)
-    return (sums / counts)[inverse]
-
-
-def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Spearman's rho: the Pearson correlation of the ranks (NaN if either side is constant)."""
-    rx, ry = rankdata(x), rankdata(y)
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    denom = float(rx.norm() * ry.norm())
-    return float((rx * ry).sum()) / denom if denom > 0 else float("nan")
 
 
 def pair_accuracy(
@@ -180,7 +163,7 @@ def evaluate_reward_model(
         o = torch.tensor([r["oracle"] for r in rows], dtype=torch.float64)
         ok = s.isfinite()
         out["spearman"], out["spearman_n"] = (
-            spearman(s[ok], o[ok]) if ok.sum() > 1 else float("nan"),
+            spearman(s[ok].numpy(), o[ok].numpy()) if ok.sum() > 1 else float("nan"),
             int(ok.sum()),
         )
         groups: dict[str, list[int]] = {}
