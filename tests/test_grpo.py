@@ -279,7 +279,12 @@ def test_nan_loss_skips_the_step_and_keeps_weights(tmp_path, monkeypatch):
     import qirl.rl.grpo as g
 
     real = g.trajectory_logprob
-    monkeypatch.setattr(g, "trajectory_logprob", lambda *a, **k: real(*a, **k) * float("nan"))
+
+    def nan_logprob(*args, **kwargs):
+        logp, v_c = real(*args, **kwargs)
+        return logp * float("nan"), v_c
+
+    monkeypatch.setattr(g, "trajectory_logprob", nan_logprob)
     out = rows(recipe(tmp_path / "nan", "train.iterations=2"))
     assert out[-1]["skipped"] == 2 and out[1]["skipped"] == 2
     base, after = load_policy("base").state_dict(), load_policy(str(tmp_path / "nan" / "model")).state_dict()
