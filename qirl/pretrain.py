@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,9 @@ class PretrainTrain:
     timestep_sampling: str = "logit_normal"  # logit_normal | uniform
     logit_mean: float = 0.0
     logit_std: float = 1.0
+    # A model folder ("base" = the shipped one) to start from instead of random weights: a second stage
+    # with its own schedule (and its own run.seed, so it sees new data). Its config must be `model:`'s.
+    init_from: str = ""
 
 
 @dataclass
@@ -144,6 +147,21 @@ def ema_update(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: floa
             ema[name].copy_(p)
 
 
+def _init_model(recipe: PretrainRecipe) -> TinyDiT:
+    """The model `train.init_from` names, checked against the recipe's `model:` section."""
+    from qirl.models.registry import base_model_path
+
+    spec = recipe.train.init_from
+    init = TinyDiT.from_pretrained(base_model_path() if spec == "base" else spec)
+    wanted = asdict(replace(recipe.model, vocab_size=init.config.vocab_size))
+    diff = sorted(k for k, v in asdict(init.config).items() if wanted[k] != v)
+    if diff:
+        raise UserError(
+            f"train.init_from={spec!r}: its config differs from the recipe's model section in {', '.join(diff)}"
+        )
+    return init
+
+
 def pretrain(recipe: PretrainRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
     """Run pretraining; yield metrics every `log_every` steps and a final summary (`done`)."""
     out = Path(recipe.run.out_dir)
@@ -163,9 +181,16 @@ def pretrain(recipe: PretrainRecipe, resume: bool = False) -> Iterator[dict[str,
         from tokenizers import Tokenizer
 
         tokenizer = Tokenizer.from_str(tokenizer_json)
+        init = None
+    elif recipe.train.init_from:
+        init = _init_model(recipe)
+        tokenizer = init.tokenizer
     else:
+        init = None
         tokenizer = build_tokenizer(grammar_corpus(recipe.data.vocab_samples, recipe.run.seed + 7919))
     model = TinyDiT(recipe.model, tokenizer)
+    if init is not None:
+        model.load_state_dict(init.state_dict())
     model.train()
     opt = torch.optim.AdamW(
         model.parameters(), lr=recipe.train.lr, weight_decay=recipe.train.weight_decay, betas=(0.9, 0.99)

@@ -149,3 +149,22 @@ def test_unknown_task_mix_is_user_error(tmp_path):
     recipe.data.task_mix = "batch"
     with pytest.raises(UserError, match="data.task_mix"):
         list(pretrain(recipe))
+
+
+def test_init_from_starts_a_second_stage_from_a_model_folder(tmp_path):
+    """train.init_from: the new run starts from those weights (and tokenizer); another shape is refused."""
+    list(pretrain(tiny_recipe(tmp_path / "one", 2, 1)))
+    first = load_policy(str(tmp_path / "one" / "model"))
+    stage2 = tiny_recipe(tmp_path / "two", 1, 1)
+    stage2.train.init_from = str(tmp_path / "one" / "model")
+    stage2.train.lr = 0.0  # a zero step: the exported weights are the initial ones
+    list(pretrain(stage2))
+    second = load_policy(str(tmp_path / "two" / "model"))
+    assert second.tokenizer.get_vocab() == first.tokenizer.get_vocab()
+    for name, value in first.state_dict().items():
+        assert torch.equal(second.state_dict()[name], value), name
+    other = tiny_recipe(tmp_path / "bad", 1, 1)
+    other.train.init_from = str(tmp_path / "one" / "model")
+    other.model.depth = 2
+    with pytest.raises(UserError, match="init_from.*depth"):
+        list(pretrain(other))
