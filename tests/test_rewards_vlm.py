@@ -39,7 +39,6 @@ from qirl.rewards.vlm.prompting import (
     split_at_marker,
 )
 from qirl.rewards.vlm.tokenizer import ASSET_DIR, SCORE_TOKENS, load_embedded_tokenizer
-from qirl.rewards.vlm.toy import save_toy_annotations, toy_annotations
 from qirl.shapes import random_edit_record, random_t2i_record
 from qirl.shapes.scene import Scene
 from qirl.stats import rankdata
@@ -66,18 +65,31 @@ def pointwise() -> VLMReward:
     return VLMReward(cfg())
 
 
+def easy_annotations(out: Path, n_prompts: int, test_fraction: float) -> Path:
+    """Clean renders vs blank canvases (T2I only, noiseless labels): an easy signal a few dozen steps learn.
+
+    Built by the annotation pipeline itself (`qirl score annotate`) with only the opt-in `blank` perturbation.
+    A blank canvas is an invalid sample, whose pairs evaluation skips; this set drops the `valid` flag so the
+    clean-vs-blank pairs are scored (subtler perturbations give no signal a tiny VLM learns in 100 steps).
+    """
+    from qirl.rewards.annotate import AnnotateConfig, annotate
+
+    config = AnnotateConfig(
+        out_dir=str(out), n_prompts=n_prompts, samples_per_prompt=2, perturbed_fraction=1.0,
+        perturbations=["blank"], edit_fraction=0.0, test_fraction=test_fraction, pairs_per_prompt=1,
+        likert_noise=0.0, slip_rate=0.0, flip_rate=0.0,
+    )
+    list(annotate(config))
+    data = load_annotations(out)
+    for split in ("pairwise", "pairwise_test"):
+        data[split] = data[split].remove_columns("valid")
+    data.save_to_disk(str(out.with_name(out.name + ".easy")))
+    return out.with_name(out.name + ".easy")
+
+
 @pytest.fixture(scope="module")
 def toy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Clean renders vs blank canvases: an easy signal a few dozen steps can learn."""
-    path = tmp_path_factory.mktemp("toy") / "annotations"
-    return save_toy_annotations(
-        path,
-        n_prompts=16,
-        n_test_prompts=12,
-        variants=("clean", "blank"),
-        pairs_per_prompt=3,
-        label_noise=0.0,
-    )
+    return easy_annotations(tmp_path_factory.mktemp("easy") / "annotations", n_prompts=28, test_fraction=0.43)
 
 
 def hand_distribution(
@@ -332,7 +344,7 @@ def test_spearman_with_ties() -> None:
 
 
 def test_missing_split_or_column_is_a_user_error(tmp_path: Path) -> None:
-    data = toy_annotations(n_prompts=2, n_test_prompts=1, variants=("clean", "blank"), pairs_per_prompt=1)
+    data = load_annotations(easy_annotations(tmp_path / "easy", n_prompts=2, test_fraction=0.5))
     data["pointwise"] = data["pointwise"].remove_columns("alignment")
     del data["pairwise"]
     data.save_to_disk(str(tmp_path / "ann"))

@@ -71,7 +71,7 @@ from qirl.data import publish_mode
 from qirl.errors import UserError
 from qirl.shapes import Scene, random_edit_record, random_t2i_record, render
 from qirl.shapes.judge import LEVELS, Truth, judge_edit, judge_t2i
-from qirl.shapes.perturb import PERTURBATIONS, perturb
+from qirl.shapes.perturb import EXTRA_PERTURBATIONS, PERTURBATIONS, perturb
 from qirl.stats import spearman
 
 __all__ = [
@@ -133,6 +133,9 @@ class AnnotateConfig:
     slip_rate: float = 0.05  # probability of an off-by-one Likert slip
     flip_rate: float = 0.05  # probability of flipping a decided pairwise label
     tie_threshold: float = 5.0  # a level decides a pair when the scores differ by at least this
+    # Perturbation kinds of the render pool (after each prompt's clean render); empty: all of
+    # PERTURBATIONS that fit the task. Naming kinds (for example [blank]) builds a small easy set for tests.
+    perturbations: list[str] = field(default_factory=list)
     batch_size: int = 64
     seed: int = 0
 
@@ -154,6 +157,10 @@ class AnnotateConfig:
             raise UserError("pairs_per_prompt and batch_size must be at least 1")
         if self.n_model_samples > 0 and (not self.guidance or not self.steps):
             raise UserError("guidance and steps must each list a value when the pool has model samples")
+        known = PERTURBATIONS[1:] + EXTRA_PERTURBATIONS
+        if bad := [k for k in self.perturbations if k not in known]:
+            raise UserError(f"perturbations: unknown kind(s) {', '.join(map(str, bad))}; "
+                            f"expected some of {', '.join(known)}")
         if any(s < 1 for s in self.steps):
             raise UserError(f"steps must all be at least 1, got {list(self.steps)}")
 
@@ -286,6 +293,8 @@ def _render_pool(config: AnnotateConfig, records: list[dict[str, Any]], size: in
         truth = Scene.from_dict(rec["target_scene"] if edit else rec["scene"])
         source = Scene.from_dict(rec["source_scene"]) if edit else None
         kinds = list(_EDIT_PERTURBATIONS if edit else _T2I_PERTURBATIONS)
+        if config.perturbations:
+            kinds = [k for k in config.perturbations if edit or k != "unchanged"] or ["clean"]
         cycle = ["clean"] + [kinds[j] for j in rng.permutation(len(kinds))]
         for k in range(config.n_model_samples, config.samples_per_prompt):
             kind = cycle[(k - config.n_model_samples) % len(cycle)]

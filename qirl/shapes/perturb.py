@@ -21,6 +21,9 @@ PERTURBATIONS: tuple[str, ...] = (
     "clean", "blur", "noise", "colour_shift", "wrong_object", "missing_object", "extra_object",
     "distorted_shape", "unchanged",
 )
+# Opt-in kinds that a default annotation pool does not draw: `blank` (background only, the degenerate
+# sample of a model that draws nothing) gives reward-model tests a signal a few steps can learn.
+EXTRA_PERTURBATIONS: tuple[str, ...] = ("blank",)
 
 
 def _blur(img: np.ndarray, sigma: float) -> np.ndarray:
@@ -89,7 +92,8 @@ def perturb(
 
     Strengths are drawn from `rng`: blur sigma 0.5-1.5 px (at 32 px), noise sd 0.03-0.15, a colour shift
     of up to +-0.25 per channel, a warp of 5-9 % of the side. `unchanged` renders `source` (an edit that
-    was not done). A `missing_object` of a one-object scene is a blank canvas (an invalid sample).
+    was not done), `blank` the background alone. A `missing_object` of a one-object scene is a blank
+    canvas (an invalid sample).
     """
     px = size / 32
     if kind == "clean":
@@ -112,8 +116,10 @@ def perturb(
         return render(more if more is not None else _wrong_object(scene, rng), size)
     if kind == "distorted_shape":
         return _distort(scene, size, rng)
+    if kind == "blank":
+        return render(Scene((), scene.background), size)
     if kind == "unchanged":
         if source is None:
             raise UserError("perturbation 'unchanged' needs the edit's source scene")
         return render(source, size)
-    raise UserError(f"unknown perturbation {kind!r}; expected one of {', '.join(PERTURBATIONS)}")
+    raise UserError(f"unknown perturbation {kind!r}; expected one of {', '.join(PERTURBATIONS + EXTRA_PERTURBATIONS)}")
