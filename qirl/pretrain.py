@@ -17,7 +17,6 @@ step) every `checkpoint_every` steps; `resume=True` continues bit-exactly on CPU
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -34,6 +33,7 @@ from qirl.models.text import build_tokenizer
 from qirl.models.tiny_dit import TinyDiT, TinyDiTConfig
 from qirl.runlog import append_metrics, checkpoint_to_resume, start_metrics
 from qirl.sampling import flow_matching_loss, sample_train_t
+from qirl.schedules import ema_decay_at, lr_at
 from qirl.shapes import random_edit_record, random_t2i_record, render_batch
 from qirl.shapes.corpus import grammar_corpus
 from qirl.shapes.scene import Scene
@@ -121,21 +121,6 @@ def sample_timesteps(train: PretrainTrain, n: int, generator: torch.Generator) -
     if train.timestep_sampling == "uniform":
         return torch.rand(n, generator=generator)
     return sample_train_t(n, generator, mean=train.logit_mean, std=train.logit_std)
-
-
-def lr_at(step: int, train: PretrainTrain) -> float:
-    """Linear warm-up, then cosine decay to 10% (a common flow-matching pretraining schedule)."""
-    if step < train.warmup_steps:
-        return train.lr * (step + 1) / train.warmup_steps
-    progress = (step - train.warmup_steps) / max(1, train.steps - train.warmup_steps)
-    return train.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
-def ema_decay_at(step: int, decay: float) -> float:
-    """EMA decay with warm-up, min(decay, (1 + step) / (10 + step)) (diffusers' EMAModel, Tarvainen &
-    Valpola 2017): a fixed 0.999 would still weigh the zero-output initial model by 0.999^2000 = 14%
-    after 2000 steps."""
-    return min(decay, (1 + step) / (10 + step))
 
 
 @torch.no_grad()
@@ -229,7 +214,7 @@ def pretrain(recipe: PretrainRecipe, resume: bool = False) -> Iterator[dict[str,
         t = sample_timesteps(train, train.batch_size, gen)  # [B]
         noise = torch.randn(targets.shape, generator=gen)  # [B, 3, H, W]
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, train)
+            group["lr"] = lr_at(step, train.lr, train.warmup_steps, train.steps)
         cond = model.encode(prompts, sources)  # the text encoder trains too
         loss = flow_matching_loss(model, model.encode_images(targets), cond, t=t, noise=noise)
         opt.zero_grad(set_to_none=True)
@@ -248,7 +233,7 @@ def pretrain(recipe: PretrainRecipe, resume: bool = False) -> Iterator[dict[str,
                 "step": step,
                 "total": train.steps,
                 "loss": sum(window) / len(window),
-                "lr": lr_at(step - 1, train),
+                "lr": lr_at(step - 1, train.lr, train.warmup_steps, train.steps),
                 "grad_norm": grad_norm,
                 "step_s": time.perf_counter() - t0,
             }

@@ -69,14 +69,14 @@ def guided_velocity(
     ``guidance <= 1`` or ``uncond is None`` means one conditional pass (diffusers' rule: CFG only when
     the scale exceeds 1). Otherwise both branches run as one batch ``[cond ; uncond]`` of size 2B,
     which on a CPU or GPU is cheaper than two forwards of size B.
-    x [B, C, H, W], t [B] -> [B, C, H, W].
+    x [B, C, H, W], t [B] -> [B, C, H, W] fp32 (combined in fp32 whatever the model's dtype).
     """
     b = x.shape[0]
     t = torch.as_tensor(t, device=x.device, dtype=torch.float32).reshape(-1).expand(b)  # [B]
     if uncond is None or guidance <= 1.0:
-        return policy.velocity(x, t, cond)
+        return policy.velocity(x, t, cond).float()
     both = Condition.cat([cond, uncond])
-    v = policy.velocity(torch.cat([x, x]), torch.cat([t, t]), both)  # [2B, C, H, W]
+    v = policy.velocity(torch.cat([x, x]), torch.cat([t, t]), both).float()  # [2B, C, H, W]
     v_c, v_u = v.chunk(2)  # [B, C, H, W] each
     return v_u + guidance * (v_c - v_u)
 
@@ -121,14 +121,15 @@ def sde_kl_factor(t: float, t_next: float, noise_level: float) -> float:
 def _branch_velocities(
     policy: FlowPolicy, x: Tensor, t: float, cond: Condition, uncond: Condition | None, guidance: float
 ) -> tuple[Tensor, Tensor | None]:
-    """(v_c, v_u) in fp32 from one forward: [cond ; uncond] as a batch of 2B when CFG is on (as in
-    `guided_velocity`), else (v_c, None). The combination ``v_u + s (v_c - v_u)`` is left to the kernel."""
+    """(v_c, v_u) in the model's dtype from one forward: [cond ; uncond] as a batch of 2B when CFG is on
+    (as in `guided_velocity`), else (v_c, None). The combination ``v_u + s (v_c - v_u)`` is left to the
+    fused kernels, which read bf16/fp16 velocities once and compute in fp32 (no fp32 copy in between)."""
     b = x.shape[0]
     t_batch = torch.full((b,), t, device=x.device, dtype=torch.float32)  # [B]
     if uncond is None or guidance <= 1.0:
-        return policy.velocity(x, t_batch, cond).float(), None  # [B, C, H, W]
+        return policy.velocity(x, t_batch, cond), None  # [B, C, H, W]
     both = Condition.cat([cond, uncond])
-    v = policy.velocity(torch.cat([x, x]), torch.cat([t_batch, t_batch]), both).float()  # [2B, C, H, W]
+    v = policy.velocity(torch.cat([x, x]), torch.cat([t_batch, t_batch]), both)  # [2B, C, H, W]
     v_c, v_u = v.chunk(2)  # [B, C, H, W] each
     return v_c, v_u
 
@@ -484,7 +485,8 @@ def sample_sde(
             kept.append(x)
         v_c, v_u = _branch_velocities(policy, x, t, cond, uncond if cfg else None, guidance)
         if n not in window:
-            v = v_c if v_u is None else v_u + guidance * (v_c - v_u)  # guided_velocity's formula
+            v_c = v_c.float()  # fp32 as in the kernels
+            v = v_c if v_u is None else v_u.float() + guidance * (v_c - v_u.float())  # guided_velocity's formula
             x = euler_step(x, v, t, t_next)  # [B, C, H, W]
             continue
         dt = _step_dt(t, t_next)

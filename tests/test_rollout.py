@@ -171,6 +171,34 @@ def test_sde_step_matches_kernel_and_euler(policy: FlowPolicy, cond: Condition) 
 
 
 @pytest.mark.parametrize("mode", ["hybrid", "both"])
+def test_bf16_velocities_reach_the_kernels_unconverted(
+    policy: FlowPolicy, cond: Condition, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A policy whose velocities come out in bf16 (a diffusers transformer in bf16) hands them to the fused
+    ops in bf16 (they compute in fp32 inside): no fp32 copy of v in between; states and log-probs stay
+    fp32 and the ratio still starts at exactly 1."""
+    velocity = policy.velocity
+    monkeypatch.setattr(policy, "velocity", lambda x, t, c: velocity(x, t, c).to(torch.bfloat16))
+    c = cond.index(slice(0, 2))
+    seen: list[torch.dtype] = []
+    for name in ("cfg_sde_step", "sde_logprob"):
+        real = getattr(ops, name)
+
+        def spy(v: torch.Tensor, *args: object, _real=real, **kwargs: object):  # noqa: ANN202
+            seen.append(v.dtype)
+            return _real(v, *args, **kwargs)
+
+        monkeypatch.setattr(ops, name, spy)
+    r = rollout(policy, c, cfg_mode=mode)
+    assert r.latents.dtype == torch.float32 and r.logps_old.dtype == torch.float32
+    n = r.trained_steps[-1]
+    logp = trajectory_logprob(policy, r, n, c)  # [2]
+    assert logp.dtype == torch.float32 and logp.requires_grad
+    torch.testing.assert_close(logp.detach(), r.logps_old[n], rtol=0, atol=1e-6)
+    assert seen and set(seen) == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "both"])
 def test_gradients_reach_trainable_parameters(policy: FlowPolicy, cond: Condition, mode: str) -> None:
     r = rollout(policy, cond.index(slice(0, 2)), cfg_mode=mode)
     params = policy.trainable_parameters()

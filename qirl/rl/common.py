@@ -1,15 +1,16 @@
-"""Pieces both RL trainers (GRPO and distillation) share: the trained state and its checkpoints, lr
-warm-up and the EMA of the trained weights."""
+"""Pieces the RL trainers (GRPO and distillation) share: their typed ``train:`` / ``run:`` option groups,
+the trained state and its checkpoints, and the EMA of the trained weights. The loop itself is
+`qirl.rl.loop`."""
 
 from __future__ import annotations
 
 import math
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -28,22 +29,39 @@ from qirl.distributed import (
     wrap_policy,
 )
 from qirl.errors import UserError
-from qirl.pretrain import ema_decay_at
+from qirl.models.policy import FlowPolicy
+from qirl.models.registry import PolicyOptions
+from qirl.rl.heldout import HeldoutConfig
 from qirl.rl.lora import TINY_DIT_TARGETS, add_lora, save_policy
 from qirl.runlog import checkpoint_to_resume
+from qirl.schedules import ema_decay_at, lr_at
 
 
-def lr_at(iteration: int, train: Any) -> float:
-    """``train.lr`` after a linear warm-up over ``train.warmup_steps`` iterations, then constant."""
-    if iteration < train.warmup_steps:
-        return train.lr * (iteration + 1) / train.warmup_steps
-    return train.lr
+@dataclass
+class TrainOptions:
+    """The ``train:`` options every RL trainer shares (GRPO and distillation extend it): the schedule, the
+    optimiser (AdamW), what is trained (full weights or LoRA adapters) and the EMA of the trained weights."""
+
+    iterations: int = 100
+    prompts_per_iter: int = 8  # prompts (GRPO: groups; distillation: trajectories) per iteration
+    micro_batch: int = 16  # rows per rollout / train micro-batch
+    lr: float = 3e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0  # linear lr warm-up (iterations), then constant (`qirl.schedules.lr_at`)
+    grad_clip: float = 1.0
+    lora_rank: int = 0  # > 0: train LoRA adapters (peft) of this rank instead of every DiT weight
+    lora_alpha: float = 16.0
+    lora_targets: str = "auto"  # regex over module names; auto: the policy's default_lora_targets
+    ema_decay: float = 0.0  # > 0: keep an EMA of the trained weights (with warm-up); eval and export use it
+
+    def lr_at(self, iteration: int) -> float:
+        return lr_at(iteration, self.lr, self.warmup_steps)
 
 
 @torch.no_grad()
 def ema_update(ema: dict[str, Tensor], params: dict[str, Tensor], iteration: int, decay: float) -> None:
     """``ema <- d ema + (1 - d) theta`` with the warmed-up decay ``d = min(decay, (1 + n) / (10 + n))``
-    (`qirl.pretrain.ema_decay_at`, as diffusers' EMAModel)."""
+    (`qirl.schedules.ema_decay_at`, as diffusers' EMAModel)."""
     d = ema_decay_at(iteration, decay)
     for name, p in params.items():
         ema[name].lerp_(p.detach(), 1.0 - d)
@@ -85,7 +103,17 @@ class TrainRun:
     checkpoint_format: str = "full"  # full: one safetensors set (rank 0 gathers) | sharded: per-rank DCP shards
 
 
-def validate_common(recipe: Any, world_size: int = 1) -> None:
+class TrainerRecipe(Protocol):
+    """What the RL loop reads of a GRPO or distillation recipe."""
+
+    policy: PolicyOptions
+    train: TrainOptions
+    eval: HeldoutConfig
+    run: TrainRun
+    distributed: DistributedConfig
+
+
+def validate_common(recipe: TrainerRecipe, world_size: int = 1) -> None:
     """The checks both trainers' recipes share (``distributed``, ``run``, ``eval``, and the split of
     ``train.prompts_per_iter`` over ``world_size`` processes); a UserError naming the key."""
     recipe.distributed.validate()
@@ -100,7 +128,7 @@ def validate_common(recipe: Any, world_size: int = 1) -> None:
         raise UserError("eval.every, eval.n and eval.grid must be >= 0")
 
 
-def start_run(recipe: Any, resume: bool) -> tuple[World, slice, Path, Path | None]:
+def start_run(recipe: TrainerRecipe, resume: bool) -> tuple[World, slice, Path, Path | None]:
     """Join the torchrun process group (if any) and find the checkpoint to resume: (world, this rank's
     share of ``train.prompts_per_iter``, out_dir, checkpoint or None). Every rank has looked at out_dir
     before this returns, so rank 0 may write into it."""
@@ -117,7 +145,7 @@ def micro_batches(n: int, size: int) -> list[tuple[int, int]]:
     return [(a, min(a + size, n)) for a in range(0, n, size)]
 
 
-def lora_targets(policy: Any, train: Any) -> str:
+def lora_targets(policy: FlowPolicy, train: TrainOptions) -> str:
     """``train.lora_targets``, where ``auto`` is the policy's own `default_lora_targets` (its attention
     and MLP projections)."""
     if train.lora_targets == "auto":
@@ -170,12 +198,14 @@ class TrainState:
     view: Any = None
     world: World = field(default_factory=World)
     strategy: str = "none"  # none (one process) | ddp | fsdp
+    grad_norm: float = 0.0  # of the last `step`, before clipping
+    skipped: int = 0  # steps skipped for a non-finite loss or gradient in this process
 
     @classmethod
     def create(
         cls,
-        policy: Any,
-        train: Any,
+        policy: FlowPolicy,
+        train: TrainOptions,
         seed: int,
         world: World | None = None,
         distributed: DistributedConfig | None = None,
@@ -221,7 +251,7 @@ class TrainState:
                 "ranks would run different numbers of sharded forwards; use distributed.strategy=ddp (or LoRA)"
             )
 
-    def restore(self, path: Path, policy: Any) -> None:
+    def restore(self, path: Path, policy: FlowPolicy) -> None:
         """Load a checkpoint written by `save`; a mismatched one (other model or LoRA setting) is a UserError."""
         ckpt = load_checkpoint(path)
         if ckpt.state.get("format") == "sharded":
@@ -243,12 +273,15 @@ class TrainState:
         self.gen.set_state(ckpt.tensors["rng"]["torch"])
         self.iteration = ckpt.step
 
-    def step(self, finite: bool, iteration: int, train: Any) -> tuple[float, bool]:
+    def step(self, finite: bool, iteration: int, train: TrainOptions) -> tuple[float, bool]:
         """Clip the accumulated gradients to ``train.grad_clip`` and take one AdamW step (then the EMA),
         unless the loss or the gradient norm is not finite on any rank: then the step is skipped and
-        weights and optimizer state stay untouched. Returns (gradient norm before clipping, skipped)."""
+        weights and optimizer state stay untouched. Returns (gradient norm before clipping, skipped), also
+        kept as ``grad_norm`` and counted in ``skipped``."""
         grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(self.params, train.grad_clip)))
         skipped = not self.world.all_true(finite and math.isfinite(grad_norm))
+        self.grad_norm = grad_norm
+        self.skipped += skipped
         if skipped:
             self.opt.zero_grad(set_to_none=True)
         else:
@@ -291,7 +324,7 @@ class TrainState:
         self.gen.set_state(ckpt.tensors["rng"]["torch"])
         self.iteration = ckpt.step
 
-    def save(self, out: Path, iteration: int, recipe: Any) -> Path:
+    def save(self, out: Path, iteration: int, recipe: TrainerRecipe) -> Path:
         """Atomic checkpoint of everything `restore` needs (`qirl.checkpoint.save_checkpoint`).
 
         Full (default): every rank gathers each tensor (a collective), rank 0 writes one safetensors file
@@ -340,7 +373,9 @@ class TrainState:
         return path
 
 
-def export_policy(policy: Any, directory: Path, lora: bool, world: World, rebuild: Any, train: Any) -> None:
+def export_policy(
+    policy: FlowPolicy, directory: Path, lora: bool, world: World, rebuild: Callable[[], FlowPolicy], train: TrainOptions
+) -> None:
     """Save the trained policy (LoRA merged) as a model folder; rank 0 writes.
 
     Under FSDP2 the weights are sharded: every rank gathers the full state dict (a collective), and rank 0

@@ -11,7 +11,8 @@ that directly, with the rollouts GRPO itself would draw:
    noise level, steps, guidance and shift as a GRPO recipe), fixed seeds (initial noise of image
    p*G + g is `image_noise(seed, p*G + g)`; the SDE noises come from a generator seeded with
    `seed` and the batch's first prompt index, so a run is reproducible for a given `batch_prompts`).
-   Each image is scored by the composite: rewards R [P, G, K] (NaN where a model cannot score), and
+   The rollout is GRPO's own (`qirl.rl.rollout`); each image is scored by the composite on a
+   `RewardService`, overlapping the next batch: rewards R [P, G, K] (NaN where a model cannot score), and
    the composite r = `CompositeReward.combined` (weighted mean of the valid rewards) [P, G].
 2. Per prompt and per reward (and composite), over the valid values of the group: mean, population
    std, range = max - min (NaN with fewer than 2 valid values, which never reaches a threshold).
@@ -69,7 +70,8 @@ from qirl.models.registry import PolicyOptions, load_policy
 from qirl.prompt_sets import image_noise, record_source, resolve_prompts
 from qirl.rewards.base import RewardRecord
 from qirl.rewards.composite import CompositeConfig, CompositeReward, RewardSpec
-from qirl.sampling import sample_sde
+from qirl.rewards.service import RewardService
+from qirl.rl.rollout import GroupRollout, SdeSpec, encode_groups, roll_out_groups
 
 COMPOSITE = "composite"
 RULES = ("equal_share", "equal_spread", "none")
@@ -102,6 +104,7 @@ class CurateSampling:
     window_size: int = 4  # (0: SDE on every step)
     shared_noise: bool = True  # a group shares its initial noise, as GRPO's default
     batch_prompts: int = 8  # prompts per sampling batch (batch_prompts * G images)
+    reward_workers: int = 2  # RewardService threads: a batch is scored while the next rolls out
 
 
 @dataclass
@@ -226,8 +229,8 @@ def _validate(recipe: CurateRecipe, names: Sequence[str]) -> None:
         raise UserError(
             f"sampling.group_size must be at least 2 (a range needs 2 samples), got {s.group_size}"
         )
-    if s.num_steps < 1 or s.batch_prompts < 1:
-        raise UserError("sampling.num_steps and sampling.batch_prompts must be at least 1")
+    if s.num_steps < 1 or s.batch_prompts < 1 or s.reward_workers < 1:
+        raise UserError("sampling.num_steps, sampling.batch_prompts and sampling.reward_workers must be at least 1")
     if s.window_size < 0 or s.window_start < 0 or s.window_start + s.window_size > s.num_steps:
         raise UserError(
             f"sampling window {s.window_start}..{s.window_start + s.window_size - 1} is out of range: "
@@ -251,43 +254,47 @@ def _validate(recipe: CurateRecipe, names: Sequence[str]) -> None:
 def _score_groups(
     recipe: CurateRecipe, policy: FlowPolicy, composite: CompositeReward, records: list[PromptRecord]
 ) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield (prompts done, rewards [b, G, K]) batch by batch."""
+    """Yield (prompts done, rewards [b, G, K]) batch by batch. Rollouts go through GRPO's group rollout
+    (`qirl.rl.rollout`); a batch is scored on the `RewardService` while the next one rolls out."""
     s = recipe.sampling
     g = s.group_size
     size = policy.image_size
     sources = [record_source(r, size) for r in records]  # validate every source before any work
     shape = tuple(policy.latent_shape)
-    for start in range(0, len(records), s.batch_prompts):
-        idx = list(range(start, min(start + s.batch_prompts, len(records))))
-        rows = [i for i in idx for _ in range(g)]  # prompt index of each image
-        prompts = [records[i].prompt for i in rows]
-        if s.shared_noise:  # the spread within a group then comes from the SDE steps only, as in GRPO
-            noise = torch.stack([image_noise(recipe.seed, i * g, shape) for i in idx for _ in range(g)])
-        else:
-            noise = torch.stack([image_noise(recipe.seed, i * g + j, shape) for i in idx for j in range(g)])
-        gen = torch.Generator(device=policy.device).manual_seed(recipe.seed * 1_000_003 + start)
-        with torch.no_grad():
-            # each prompt is encoded once; its G rows share the condition, as in GRPO
-            cond = policy.encode([records[i].prompt for i in idx], [sources[i] for i in idx]).repeat_interleave(g)
-            rollout = sample_sde(
-                policy,
-                cond,
-                num_steps=s.num_steps,
-                guidance=s.guidance,
-                shift=s.shift,
-                noise_level=s.noise_level,
-                cfg_mode="hybrid",
-                sde_window=list(range(s.window_start, s.window_start + s.window_size)) if s.window_size else None,
-                generator=gen,
-                noise=noise.to(policy.device),
-                cond_logprobs=False,  # only the images are scored
-            )
-            images = policy.decode(rollout.latents).float().cpu()  # [b*G, 3, H, W]
-        rrecs = [
-            RewardRecord(task=records[i].task, category=records[i].category, source=sources[i]) for i in rows
-        ]
-        scores = composite.score_all(images, prompts, rrecs)  # [b*G, K]
-        yield idx[-1] + 1, scores.numpy().astype(np.float64).reshape(len(idx), g, len(composite))
+    window = list(range(s.window_start, s.window_start + s.window_size)) if s.window_size else None
+    spec = SdeSpec(s.num_steps, s.guidance, s.shift, s.noise_level, "hybrid", window)
+    service = RewardService(dict(zip(composite.names, composite.rewards, strict=True)), workers=s.reward_workers)
+    pending: list[tuple[list[int], GroupRollout]] = []
+
+    def scored() -> tuple[int, np.ndarray]:
+        idx, group = pending.pop(0)
+        rewards, _ = group.rewards()  # [b*G, K]
+        return idx[-1] + 1, rewards.numpy().astype(np.float64).reshape(len(idx), g, len(composite))
+
+    try:
+        for start in range(0, len(records), s.batch_prompts):
+            idx = list(range(start, min(start + s.batch_prompts, len(records))))
+            rows = [i for i in idx for _ in range(g)]  # prompt index of each image
+            if s.shared_noise:  # the spread within a group then comes from the SDE steps only, as in GRPO
+                noise = torch.stack([image_noise(recipe.seed, i * g, shape) for i in idx for _ in range(g)])
+            else:
+                noise = torch.stack([image_noise(recipe.seed, i * g + j, shape) for i in idx for j in range(g)])
+            gen = torch.Generator(device=policy.device).manual_seed(recipe.seed * 1_000_003 + start)
+            with torch.no_grad():
+                cond = encode_groups(policy, [records[i].prompt for i in idx], [sources[i] for i in idx], g)
+                group = roll_out_groups(
+                    policy, cond, noise.to(policy.device), [(0, len(rows))], spec, service,
+                    [records[i].prompt for i in rows],
+                    [RewardRecord(task=records[i].task, category=records[i].category, source=sources[i]) for i in rows],
+                    generator=gen, cond_logprobs=False,  # only the images are scored
+                )
+            pending.append((idx, group))
+            if len(pending) > 1:
+                yield scored()
+        while pending:
+            yield scored()
+    finally:
+        service.close(wait=True)
 
 
 def curate(recipe: CurateRecipe, policy: FlowPolicy | None = None) -> Iterator[dict[str, Any]]:

@@ -72,20 +72,10 @@ from qirl.errors import UserError
 from qirl.models.policy import Condition, FlowPolicy
 from qirl.models.registry import PolicyOptions, load_policy
 from qirl.prompt_sets import record_source
-from qirl.rl.common import (
-    TrainRun,
-    TrainState,
-    ema_weights,
-    export_policy,
-    lr_at,
-    micro_batches,
-    start_run,
-    step_noises,
-    validate_common,
-)
-from qirl.rl.heldout import HeldoutConfig, heldout_eval, heldout_sets
+from qirl.rl.common import TrainOptions, TrainRun, micro_batches, step_noises, validate_common
+from qirl.rl.heldout import HeldoutConfig
+from qirl.rl.loop import Session
 from qirl.rl.prompts import PromptSource
-from qirl.runlog import open_metrics
 from qirl.sampling import guided_velocity, sample_ode, sample_sde, timesteps
 
 logger = logging.getLogger(__name__)
@@ -125,19 +115,12 @@ class DistillRollout:
 
 
 @dataclass
-class DistillTrain:
-    iterations: int = 100
-    prompts_per_iter: int = 16  # B (one trajectory per prompt)
-    micro_batch: int = 16  # trajectories per rollout / train micro-batch
-    steps_per_traj: int = 0  # 0: all N steps; k > 0: k steps per trajectory, drawn uniformly
+class DistillTrain(TrainOptions):
+    """`TrainOptions` (B = ``prompts_per_iter`` trajectories, one per prompt) and distillation's own."""
+
+    prompts_per_iter: int = 16  # B
     lr: float = 1e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 0  # linear lr warm-up (iterations), then constant
-    grad_clip: float = 1.0
-    lora_rank: int = 0  # > 0: train LoRA adapters (peft) of this rank instead of every DiT weight
-    lora_alpha: float = 16.0
-    lora_targets: str = "auto"  # regex over module names; auto: the policy's default_lora_targets
-    ema_decay: float = 0.0  # > 0: keep an EMA of the trained weights (with warm-up); eval and export use it
+    steps_per_traj: int = 0  # 0: all N steps; k > 0: k steps per trajectory, drawn uniformly
 
 
 @dataclass
@@ -381,147 +364,81 @@ def trained_steps(batch: int, num_steps: int, k: int, generator: torch.Generator
 
 def distill(recipe: DistillRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
     """Run on-policy distillation; yield a metrics dict every `log_every` iterations (and eval rows),
-    then a `done` summary."""
+    then a `done` summary. Set-up, checkpoints, evaluation, logging and export are the shared loop's
+    (`qirl.rl.loop`); this function supplies one iteration (module docstring)."""
     validate(recipe)
-    world, mine, out, existing = start_run(recipe, resume)  # mine: this rank's trajectories
+    session = Session.start(recipe, resume)
     r, tr = recipe.rollout, recipe.train
     prompts_src = PromptSource(recipe.data.prompts, recipe.data.edit_fraction)
     teachers = load_teachers(recipe, prompts_src.tasks)
-    eval_sets = heldout_sets(recipe.eval) if recipe.eval.every else {}
-
-    torch.manual_seed(recipe.run.seed)
-    student = load_policy(recipe.student, options=recipe.policy)
-    student.eval()  # no dropout: the student and teacher velocities are compared as deployed
-    state = TrainState.create(student, tr, recipe.run.seed, world, recipe.distributed, prompts_src.tasks, existing)
-    named, ema, opt, rng, gen, view = state.named, state.ema, state.opt, state.rng, state.gen, state.view
-    iteration = state.iteration
-    resumed_at = iteration if existing is not None else None
-    log = open_metrics(out, recipe, resumed_at, recipe.run.tensorboard, world.is_main)
-
-    def checkpoint() -> Path:
-        return state.save(out, iteration, recipe)
-
-    def evaluate(step: int) -> dict[str, float]:
-        grid = out / "grids" / f"step_{step:05d}" if world.is_main else None
-        with ema_weights(named, ema):  # every rank evaluates: FSDP's forward is a collective
-            return heldout_eval(student, recipe.eval, eval_sets, grid)
-
+    student = session.load(recipe.student, prompts_src.tasks)
+    state, world = session.state, session.world
+    view, gen, rng = state.view, state.gen, state.rng
     B, M, N, K = tr.prompts_per_iter, tr.micro_batch, r.num_steps, steps_per_traj(recipe)
-    lo, hi = mine.start, mine.stop
+    lo, hi = session.mine.start, session.mine.stop
     B_local = hi - lo
-    nfe_iter = nfe_per_iteration(recipe)
     img_size = student.image_size  # edit sources are rendered at the decoder's size
     global_chunks = micro_batches(B, M)
     chunks = micro_batches(B_local, M)  # this rank's micro-batches
     grid_t = timesteps(N, r.shift)  # [N + 1]
-    start_iteration = iteration
-    t_start = time.perf_counter()
-    skipped_total = 0
-    try:
-        if eval_sets and iteration == 0:
-            row = {"step": 0, "total": tr.iterations, "nfe": 0, **evaluate(0)}
-            log.append(row)
-            yield row
-        while iteration < tr.iterations:
-            t0 = time.perf_counter()
-            # 1. prompts and the student's conditions (every rank draws the global batch) -----------
-            all_records = prompts_src.draw(rng, B)
-            records = all_records[lo:hi]
-            sources = [record_source(rec, img_size) for rec in records]
-            with torch.no_grad():
-                cond = student.encode([rec.prompt for rec in records], sources).detach()
-            noise = torch.randn((B, *student.latent_shape), generator=gen)[lo:hi]  # [B_local, C, H, W]
-            sde = r.sampler == "sde"  # the SDE noises of every step, drawn as one process draws them
-            eps = step_noises(gen, global_chunks, list(range(N)), student.latent_shape, lo, hi) if sde else {}
-            # 2. student rollouts, no grad --------------------------------------------------------
-            t_roll = time.perf_counter()
-            states = [
-                rollout_states(view, cond.index(slice(a, b)), r, gen, noise[a:b], {n: e[a:b] for n, e in eps.items()})
-                for a, b in chunks
-            ]
-            rollout_s = time.perf_counter() - t_roll
-            steps = trained_steps(B, N, K, gen)[lo:hi]  # [B_local, K]
-            # 3. velocity matching on the trained steps ----------------------------------------
-            t_train = time.perf_counter()
-            for group in opt.param_groups:
-                group["lr"] = lr_at(iteration, tr)
-            opt.zero_grad(set_to_none=True)
-            per_row = torch.zeros(B_local)  # [B_local] mean over the row's trained steps of mse_b(n)
-            finite = True
-            teacher_s = 0.0
-            routed_all = [routes(student, teachers, records[a:b], sources[a:b], recipe.teacher) for a, b in chunks]
-            last = (len(chunks) - 1, K - 1, len(routed_all[-1]) - 1)  # DDP all-reduces after this backward
-            for c, ((a, b), st) in enumerate(zip(chunks, states, strict=True)):
-                routed = routed_all[c]
-                for j in range(K):
-                    n_j = steps[a:b, j]  # [b]
-                    x_mb = st[n_j, torch.arange(b - a)]  # [b, C, H, W], state n_j of each trajectory
-                    t_mb = grid_t[n_j]  # [b]
-                    for q, route in enumerate(routed):
-                        x, t = x_mb[route.rows], t_mb[route.rows]  # [b_task, C, H, W], [b_task]
-                        t_teach, teacher = time.perf_counter(), teachers[route.task]
-                        v_t = teacher_velocity(teacher, route, x, t, recipe.teacher)  # [b_task, C, H, W]
-                        teacher_s += time.perf_counter() - t_teach
-                        with sync_gradients(view, last=(c, j, q) == last):
-                            v_s = view.velocity(x, t, route.cond)  # [b_task, C, H, W], with grad
-                            mse = ops.velocity_mse(v_s, v_t)  # loss: mean over rows, per_sample [b_task]
-                            # this rank's mean over rows and steps; the gradient average makes it global
-                            loss = mse.loss * (len(route.rows) / (B_local * K))
-                            if not torch.isfinite(loss):
-                                finite = False
-                            loss.backward()
-                        per_row[a + route.rows] += mse.per_sample.detach().float().cpu() / K
-            grad_norm, skipped = state.step(finite, iteration, tr)  # skipped: weights untouched
-            skipped_total += skipped
-            train_s = time.perf_counter() - t_train
-            iteration += 1
-            t_ckpt = time.perf_counter()
-            if iteration % recipe.run.checkpoint_every == 0 or iteration == tr.iterations:
-                checkpoint()
-            ckpt_s = time.perf_counter() - t_ckpt
-            # 4. metrics ---------------------------------------------------------------------------
-            per_row = world.gather_rows(per_row)  # [B]
-            row: dict[str, Any] = {"step": iteration, "total": tr.iterations, "loss": float(per_row.mean())}
-            tasks = [rec.task for rec in all_records]
-            for task in teachers:
-                mask = torch.tensor([tk == task for tk in tasks])
-                row[f"loss/{task}"] = float(per_row[mask].mean()) if mask.any() else float("nan")
-            row.update(
-                {
-                    "grad_norm": grad_norm,
-                    "skipped": skipped_total,
-                    "lr": lr_at(iteration - 1, tr),
-                    "nfe": iteration * nfe_iter,
-                    "rollout_s": rollout_s,
-                    "train_s": train_s,
-                    "teacher_s": teacher_s,
-                    "checkpoint_s": ckpt_s,
-                    "step_s": time.perf_counter() - t0,
-                }
-            )
-            if eval_sets and iteration % recipe.eval.every == 0:
-                row.update(evaluate(iteration))
-            if (
-                iteration % recipe.run.log_every == 0
-                or iteration == tr.iterations
-                or "eval_oracle_overall" in row
-            ):
-                log.append(row)
-                yield row
-    finally:
-        log.close()
 
-    final = out / "model"
-    with ema_weights(named, ema):
-        rebuild = lambda: load_policy(recipe.student, device="cpu")  # noqa: E731 - FSDP export only
-        export_policy(student, final, tr.lora_rank > 0, world, rebuild, tr)
-    yield {
-        "done": True,
-        "steps": iteration,
-        "resumed_from": start_iteration,
-        "skipped": skipped_total,
-        "nfe": iteration * nfe_iter,
-        "teachers": {task: recipe.teachers[task] for task in teachers},
-        "train_seconds": round(time.perf_counter() - t_start, 1),
-        "model": str(final),
-    }
+    def one_iteration(iteration: int) -> dict[str, Any]:
+        # 1. prompts and the student's conditions (every rank draws the global batch) ---------------
+        all_records = prompts_src.draw(rng, B)
+        records = all_records[lo:hi]
+        sources = [record_source(rec, img_size) for rec in records]
+        with torch.no_grad():
+            cond = student.encode([rec.prompt for rec in records], sources).detach()
+        noise = torch.randn((B, *student.latent_shape), generator=gen)[lo:hi]  # [B_local, C, H, W]
+        sde = r.sampler == "sde"  # the SDE noises of every step, drawn as one process draws them
+        eps = step_noises(gen, global_chunks, list(range(N)), student.latent_shape, lo, hi) if sde else {}
+        # 2. student rollouts, no grad ------------------------------------------------------------
+        t_roll = time.perf_counter()
+        states = [
+            rollout_states(view, cond.index(slice(a, b)), r, gen, noise[a:b], {n: e[a:b] for n, e in eps.items()})
+            for a, b in chunks
+        ]
+        rollout_s = time.perf_counter() - t_roll
+        steps = trained_steps(B, N, K, gen)[lo:hi]  # [B_local, K]
+        # 3. velocity matching on the trained steps -------------------------------------------------
+        t_train = time.perf_counter()
+        state.opt.zero_grad(set_to_none=True)
+        per_row = torch.zeros(B_local)  # [B_local] mean over the row's trained steps of mse_b(n)
+        finite = True
+        teacher_s = 0.0
+        routed_all = [routes(student, teachers, records[a:b], sources[a:b], recipe.teacher) for a, b in chunks]
+        last = (len(chunks) - 1, K - 1, len(routed_all[-1]) - 1)  # DDP all-reduces after this backward
+        for c, ((a, b), st) in enumerate(zip(chunks, states, strict=True)):
+            routed = routed_all[c]
+            for j in range(K):
+                n_j = steps[a:b, j]  # [b]
+                x_mb = st[n_j, torch.arange(b - a)]  # [b, C, H, W], state n_j of each trajectory
+                t_mb = grid_t[n_j]  # [b]
+                for q, route in enumerate(routed):
+                    x, t = x_mb[route.rows], t_mb[route.rows]  # [b_task, C, H, W], [b_task]
+                    t_teach, teacher = time.perf_counter(), teachers[route.task]
+                    v_t = teacher_velocity(teacher, route, x, t, recipe.teacher)  # [b_task, C, H, W]
+                    teacher_s += time.perf_counter() - t_teach
+                    with sync_gradients(view, last=(c, j, q) == last):
+                        v_s = view.velocity(x, t, route.cond)  # [b_task, C, H, W], with grad
+                        mse = ops.velocity_mse(v_s, v_t)  # loss: mean over rows, per_sample [b_task]
+                        # this rank's mean over rows and steps; the gradient average makes it global
+                        loss = mse.loss * (len(route.rows) / (B_local * K))
+                        if not torch.isfinite(loss):
+                            finite = False
+                        loss.backward()
+                    per_row[a + route.rows] += mse.per_sample.detach().float().cpu() / K
+        state.step(finite, iteration, tr)  # a skipped step leaves the weights untouched
+        train_s = time.perf_counter() - t_train
+        # 4. metrics ---------------------------------------------------------------------------------
+        per_row = world.gather_rows(per_row)  # [B]
+        row: dict[str, Any] = {"loss": float(per_row.mean())}
+        tasks = [rec.task for rec in all_records]
+        for task in teachers:
+            mask = torch.tensor([tk == task for tk in tasks])
+            row[f"loss/{task}"] = float(per_row[mask].mean()) if mask.any() else float("nan")
+        row.update({"rollout_s": rollout_s, "train_s": train_s, "teacher_s": teacher_s})
+        return row
+
+    yield from session.loop(one_iteration, nfe_per_iteration(recipe))
+    yield session.finish(teachers={task: recipe.teachers[task] for task in teachers})

@@ -43,7 +43,6 @@ import copy
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -53,27 +52,18 @@ from torch import Tensor
 from qirl import ops
 from qirl.distributed import DistributedConfig, sync_gradients
 from qirl.errors import UserError
-from qirl.models.registry import PolicyOptions, load_policy
+from qirl.models.registry import PolicyOptions
 from qirl.prompt_sets import record_source
 from qirl.rewards.base import RewardRecord
 from qirl.rewards.composite import CompositeConfig, CompositeReward, RewardSpec
 from qirl.rewards.service import RewardFaultGuard, RewardService
-from qirl.rl.common import (
-    TrainRun,
-    TrainState,
-    ema_weights,
-    export_policy,
-    lr_at,
-    micro_batches,
-    start_run,
-    step_noises,
-    validate_common,
-)
-from qirl.rl.heldout import HeldoutConfig, heldout_eval, heldout_sets
+from qirl.rl.common import TrainOptions, TrainRun, micro_batches, step_noises, validate_common
+from qirl.rl.heldout import HeldoutConfig
+from qirl.rl.loop import Session
 from qirl.rl.lora import adapters_disabled
 from qirl.rl.prompts import PromptSource
-from qirl.runlog import open_metrics
-from qirl.sampling import CFG_MODES, sample_sde, sde_kl_factor, trajectory_logprob
+from qirl.rl.rollout import SdeSpec, encode_groups, roll_out_groups
+from qirl.sampling import CFG_MODES, sde_kl_factor, trajectory_logprob
 
 SHAPES_T2I = "shapes-t2i"
 
@@ -109,26 +99,17 @@ class GrpoSampling:
 
 
 @dataclass
-class GrpoTrain:
-    iterations: int = 100
-    prompts_per_iter: int = 8  # P
+class GrpoTrain(TrainOptions):
+    """`TrainOptions` (P = ``prompts_per_iter`` groups) and GRPO's own."""
+
     group_size: int = 8  # G
-    micro_batch: int = 16  # rows per rollout / train micro-batch
-    lr: float = 3e-5
-    weight_decay: float = 0.0
-    warmup_steps: int = 0  # linear lr warm-up (iterations), then constant
     clip_range: float = 1e-3  # PPO ratio clip eps (small: log-probs are means over latent dims)
     kl_coef: float = 0.0  # weight of the KL to the frozen reference (0: no reference kept)
     kl_space: str = "velocity"  # velocity: ||v - v_ref||^2 | mean: Gaussian KL of the SDE transition
     advantage: str = "per_reward"  # per_reward: sum_k w_k normalised R_k (report) | combined: normalise sum_k w_k R_k
     adv_clip: float = 5.0
     adv_eps: float = 1e-4
-    grad_clip: float = 1.0
     updates_per_iter: int = 1  # AdamW steps on each rollout batch (> 1: the ratio clip starts to bind)
-    lora_rank: int = 0  # > 0: train LoRA adapters (peft) of this rank instead of every DiT weight
-    lora_alpha: float = 16.0
-    lora_targets: str = "auto"  # regex over module names; auto: the policy's default_lora_targets
-    ema_decay: float = 0.0  # > 0: keep an EMA of the trained weights (with warm-up); eval and export use it
     reward_workers: int = 2  # RewardService threads
     max_nan_reward_fraction: float = 0.5  # a run stops (exit 2) when more of an iteration's rewards are NaN
     nan_reward_patience: int = 3  # ... in this many iterations in a row (0: never stop)
@@ -256,217 +237,139 @@ def _stats(values: list[Tensor]) -> Tensor:
 
 
 def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
-    """Run GRPO; yield a metrics dict every `log_every` iterations (and eval rows), then `done`."""
+    """Run GRPO; yield a metrics dict every `log_every` iterations (and eval rows), then `done`.
+
+    Set-up, checkpoints, evaluation, logging and export are the shared loop's (`qirl.rl.loop`); this
+    function supplies one iteration (module docstring, steps 1-4)."""
     validate(recipe)
-    world, mine, out, existing = start_run(recipe, resume)  # mine: this rank's prompts, whole groups
+    session = Session.start(recipe, resume)
     P, G, M = recipe.train.prompts_per_iter, recipe.train.group_size, recipe.train.micro_batch
     s, tr = recipe.sampling, recipe.train
     composite = CompositeReward.from_config(recipe.rewards)
     names = composite.names
     prompts_src = PromptSource(recipe.data.prompts, recipe.data.edit_fraction, composite.category_weights)
-    eval_sets = heldout_sets(recipe.eval) if recipe.eval.every else {}
+    reference: list[Any] = []  # the frozen KL reference; a LoRA run gets it by disabling its adapters instead
 
-    torch.manual_seed(recipe.run.seed)
-    policy = load_policy(recipe.model, options=recipe.policy)
-    policy.eval()  # no dropout: the ratio must be exactly 1 before the update
-    reference = None  # the frozen KL reference; a LoRA run gets it by disabling its adapters instead
-    if tr.kl_coef > 0 and tr.lora_rank == 0:
-        reference = copy.deepcopy(policy)
-        reference.requires_grad_(False)
-    state = TrainState.create(policy, tr, recipe.run.seed, world, recipe.distributed, prompts_src.tasks, existing)
-    named, ema, opt, rng, gen, view = state.named, state.ema, state.opt, state.rng, state.gen, state.view
-    iteration = state.iteration
-    resumed_at = iteration if existing is not None else None
-    log = open_metrics(out, recipe, resumed_at, recipe.run.tensorboard, world.is_main)
+    def keep_reference(policy: Any) -> None:
+        if tr.kl_coef > 0 and tr.lora_rank == 0:
+            reference.append(copy.deepcopy(policy).requires_grad_(False))
 
-    def checkpoint() -> Path:
-        return state.save(out, iteration, recipe)
-
-    def evaluate(step: int) -> dict[str, float]:
-        grid = out / "grids" / f"step_{step:05d}" if world.is_main else None
-        with ema_weights(named, ema):  # every rank evaluates: FSDP's forward is a collective
-            return heldout_eval(policy, recipe.eval, eval_sets, grid)
-
+    policy = session.load(recipe.model, prompts_src.tasks, prepare=keep_reference)
+    ref = reference[0] if reference else None
+    state, world = session.state, session.world
+    view, gen, rng = state.view, state.gen, state.rng
     B = P * G  # global rows; this rank's are rows[lo:hi]
-    lo, hi = mine.start * G, mine.stop * G
+    lo, hi = session.mine.start * G, session.mine.stop * G
     B_local = hi - lo
     img_size = policy.image_size  # edit sources are rendered at the decoder's size
     global_chunks = micro_batches(B, M)
     chunks = micro_batches(B_local, M)  # this rank's micro-batches
     service = RewardService(dict(zip(names, composite.rewards, strict=True)), workers=tr.reward_workers)
     fault_guard = RewardFaultGuard(tr.max_nan_reward_fraction, tr.nan_reward_patience)
-    start_iteration = iteration
-    t_start = time.perf_counter()
-    skipped_total = 0
-    evals: dict[int, float] = {}  # held-out oracle overall by iteration, for the summary
+
+    def one_iteration(iteration: int) -> dict[str, Any]:
+        window = window_at(iteration, s)
+        faults_before = sum(service.faults.values())
+        # 1. prompts and conditions (every rank draws the global batch, keeps its groups) -----------
+        records = prompts_src.draw(rng, P)
+        local = records[session.mine]
+        sources = [record_source(r, img_size) for r in local]
+        cond = encode_groups(policy, [r.prompt for r in local], sources, G)  # rows 0,0,..,1,1,..
+        rows = [r for r in records for _ in range(G)]  # global, for the metrics
+        reward_records = [
+            RewardRecord(task=r.task, category=r.category, source=src)
+            for r, src in zip(local, sources, strict=True)
+            for _ in range(G)
+        ]
+        if s.shared_noise:  # the group differs only by its SDE noises, which the objective credits
+            noise = torch.randn((P, *policy.latent_shape), generator=gen).repeat_interleave(G, 0)
+        else:
+            noise = torch.randn((B, *policy.latent_shape), generator=gen)  # [B, C, H, W]
+        noise = noise[lo:hi]  # [B_local, C, H, W]
+        step_noise = step_noises(gen, global_chunks, window, policy.latent_shape, lo, hi)
+        # 2. rollouts, scoring overlapped ----------------------------------------------------------
+        spec = SdeSpec(s.num_steps, s.guidance, s.shift, s.noise_level, s.cfg_mode, window)
+        group = roll_out_groups(
+            policy, cond, noise, chunks, spec, service, [r.prompt for r in rows[lo:hi]], reward_records,
+            generator=gen, step_noise=step_noise, view=view,
+        )
+        rewards, wait_s = group.rewards()
+        rewards = rewards.reshape(-1, G, len(names))  # [P_local, G, K]
+        # 3. advantages (per group, so per rank) ---------------------------------------------------
+        weights = composite.weights([r.category for r in local])  # [P_local, K]
+        adv = advantages(rewards, weights, tr).reshape(B_local)  # [B_local]
+        # 4. policy update -------------------------------------------------------------------------
+        t_train = time.perf_counter()
+        ratios: list[Tensor] = []
+        kls: list[float] = []
+        passes = [(k, n) for k in range(len(chunks)) for n in window]
+        for _epoch in range(tr.updates_per_iter):
+            state.opt.zero_grad(set_to_none=True)
+            loss_total = 0.0
+            finite = True
+            for k, n in passes:
+                (a, b), ro = chunks[k], group.rollouts[k]
+                c_mb = cond.index(slice(a, b))
+                # Each rank's loss is the mean over its rows; DDP/FSDP average the gradients, which
+                # is the global mean because every rank has B_local rows.
+                share = (b - a) / (B_local * len(window))
+                # The reference velocity comes first: with LoRA it is the policy with its adapters
+                # switched off, which must not happen between the forward and its backward.
+                v_ref = _reference_velocity(policy, ref, ro, n, c_mb) if tr.kl_coef > 0 else None
+                with sync_gradients(view, last=(k, n) == passes[-1]):
+                    logp, v_c = trajectory_logprob(
+                        view, ro, n, c_mb, return_velocity=True, detach_uncond=s.detach_uncond
+                    )  # [b - a], [b - a, C, H, W]
+                    a_mb = adv[a:b].to(logp.device)  # [b - a]
+                    ratio = torch.exp(logp - ro.logps_old[n])
+                    clipped = ratio.clamp(1 - tr.clip_range, 1 + tr.clip_range)
+                    loss = -torch.minimum(ratio * a_mb, clipped * a_mb).mean()
+                    if v_ref is not None:  # on the surrogate's own forward: no second forward/backward
+                        kl = _kl(v_c, v_ref, ro, n, tr.kl_space)
+                        loss = loss + tr.kl_coef * kl
+                        kls.append(float(kl.detach()))
+                    loss = loss * share
+                    if not torch.isfinite(loss):
+                        finite = False
+                    loss_total += float(loss.detach())
+                    loss.backward()
+                ratios.append(ratio.detach().float().cpu())
+            state.step(finite, iteration, tr)  # a skipped step leaves the weights untouched
+        train_s = time.perf_counter() - t_train
+        # 5. metrics (gathered over ranks: the global batch) -----------------------------------------
+        r_all = world.gather_rows(_stats(ratios))
+        flat = world.gather_rows(rewards.reshape(B_local, len(names)))  # [B, K]
+        fault_guard.check(flat, service.faults)  # the global batch: every rank stops alike
+        adv = world.gather_rows(adv)  # [B]
+        combined = composite.combined(flat, [r.category for r in rows])
+        row: dict[str, Any] = {}
+        for k, name in enumerate(names):
+            col = flat[:, k]
+            row[f"reward/{name}"] = float(col[~col.isnan()].mean()) if (~col.isnan()).any() else float("nan")
+        valid = ~combined.isnan()
+        row.update(
+            {
+                "reward": float(combined[valid].mean()) if valid.any() else float("nan"),
+                "adv_std": float(adv.std()),
+                "loss": world.mean(loss_total),
+                "ratio_mean": float(r_all.mean()),
+                "ratio_max": float(r_all.max()),
+                "clip_frac": float(((r_all - 1).abs() > tr.clip_range).float().mean()),
+                "kl": world.mean(float(np.mean(kls))) if kls else 0.0,
+                "reward_faults": sum(service.faults.values()) - faults_before,
+                "window": window[0],
+                "rollout_s": group.rollout_s,
+                "reward_wait_s": wait_s,
+                "train_s": train_s,
+            }
+        )
+        return row
+
     try:
-        if eval_sets and iteration == 0:
-            row = {"step": 0, "total": tr.iterations, "nfe": 0, **evaluate(0)}
-            evals[0] = row["eval_oracle_overall"]
-            log.append(row)
-            yield row
-        while iteration < tr.iterations:
-            t0 = time.perf_counter()
-            window = window_at(iteration, s)
-            faults_before = sum(service.faults.values())
-            # 1. prompts and conditions (every rank draws the global batch, keeps its groups) -------
-            records = prompts_src.draw(rng, P)
-            local = records[mine]
-            sources = [record_source(r, img_size) for r in local]
-            with torch.no_grad():
-                cond_p = policy.encode([r.prompt for r in local], sources).detach()
-            cond = cond_p.repeat_interleave(G)  # rows 0,0,..,1,1,..
-            rows = [r for r in records for _ in range(G)]  # global, for the metrics
-            local_rows = rows[lo:hi]
-            reward_records = [
-                RewardRecord(task=r.task, category=r.category, source=src)
-                for r, src in zip(local, sources, strict=True)
-                for _ in range(G)
-            ]
-            if s.shared_noise:  # the group differs only by its SDE noises, which the objective credits
-                noise = torch.randn((P, *policy.latent_shape), generator=gen).repeat_interleave(G, 0)
-            else:
-                noise = torch.randn((B, *policy.latent_shape), generator=gen)  # [B, C, H, W]
-            noise = noise[lo:hi]  # [B_local, C, H, W]
-            step_noise = step_noises(gen, global_chunks, window, policy.latent_shape, lo, hi)
-            # 2. rollouts, scoring overlapped ----------------------------------------------------
-            rollouts, futures = [], []
-            t_roll = time.perf_counter()
-            for a, b in chunks:
-                ro = sample_sde(
-                    view,
-                    cond.index(slice(a, b)),
-                    s.num_steps,
-                    guidance=s.guidance,
-                    shift=s.shift,
-                    noise_level=s.noise_level,
-                    cfg_mode=s.cfg_mode,
-                    sde_window=window,
-                    generator=gen,
-                    noise=noise[a:b],
-                    step_noise={n: eps[a:b] for n, eps in step_noise.items()},
-                )
-                rollouts.append(ro)
-                with torch.no_grad():
-                    images = policy.decode(ro.latents)
-                futures.append(service.submit(images, [r.prompt for r in local_rows[a:b]], reward_records[a:b]))
-            rollout_s = time.perf_counter() - t_roll
-            t_wait = time.perf_counter()
-            rewards = torch.cat([f.result() for f in futures]).reshape(-1, G, len(names))  # [P_local, G, K]
-            wait_s = time.perf_counter() - t_wait
-            # 3. advantages (per group, so per rank) -------------------------------------------------
-            weights = composite.weights([r.category for r in local])  # [P_local, K]
-            adv = advantages(rewards, weights, tr).reshape(B_local)  # [B_local]
-            # 4. policy update -------------------------------------------------------------------
-            t_train = time.perf_counter()
-            for group in opt.param_groups:
-                group["lr"] = lr_at(iteration, tr)
-            ratios: list[Tensor] = []
-            kls: list[float] = []
-            passes = [(k, n) for k in range(len(chunks)) for n in window]
-            for _epoch in range(tr.updates_per_iter):
-                opt.zero_grad(set_to_none=True)
-                loss_total = 0.0
-                finite = True
-                for k, n in passes:
-                    (a, b), ro = chunks[k], rollouts[k]
-                    c_mb = cond.index(slice(a, b))
-                    # Each rank's loss is the mean over its rows; DDP/FSDP average the gradients, which
-                    # is the global mean because every rank has B_local rows.
-                    share = (b - a) / (B_local * len(window))
-                    # The reference velocity comes first: with LoRA it is the policy with its adapters
-                    # switched off, which must not happen between the forward and its backward.
-                    v_ref = _reference_velocity(policy, reference, ro, n, c_mb) if tr.kl_coef > 0 else None
-                    with sync_gradients(view, last=(k, n) == passes[-1]):
-                        logp, v_c = trajectory_logprob(
-                            view, ro, n, c_mb, return_velocity=True, detach_uncond=s.detach_uncond
-                        )  # [b - a], [b - a, C, H, W]
-                        a_mb = adv[a:b].to(logp.device)  # [b - a]
-                        ratio = torch.exp(logp - ro.logps_old[n])
-                        clipped = ratio.clamp(1 - tr.clip_range, 1 + tr.clip_range)
-                        loss = -torch.minimum(ratio * a_mb, clipped * a_mb).mean()
-                        if v_ref is not None:  # on the surrogate's own forward: no second forward/backward
-                            kl = _kl(v_c, v_ref, ro, n, tr.kl_space)
-                            loss = loss + tr.kl_coef * kl
-                            kls.append(float(kl.detach()))
-                        loss = loss * share
-                        if not torch.isfinite(loss):
-                            finite = False
-                        loss_total += float(loss.detach())
-                        loss.backward()
-                    ratios.append(ratio.detach().float().cpu())
-                grad_norm, skipped = state.step(finite, iteration, tr)  # skipped: weights untouched
-                skipped_total += skipped
-            train_s = time.perf_counter() - t_train
-            iteration += 1
-            t_ckpt = time.perf_counter()
-            if iteration % recipe.run.checkpoint_every == 0 or iteration == tr.iterations:
-                checkpoint()
-            ckpt_s = time.perf_counter() - t_ckpt
-            # 5. metrics (gathered over ranks: the global batch) ----------------------------------------
-            r_all = world.gather_rows(_stats(ratios))
-            flat = world.gather_rows(rewards.reshape(B_local, len(names)))  # [B, K]
-            fault_guard.check(flat, service.faults)  # the global batch: every rank stops alike
-            adv = world.gather_rows(adv)  # [B]
-            loss_total = world.mean(loss_total)
-            combined = composite.combined(flat, [r.category for r in rows])
-            row: dict[str, Any] = {"step": iteration, "total": tr.iterations}
-            for k, name in enumerate(names):
-                col = flat[:, k]
-                row[f"reward/{name}"] = (
-                    float(col[~col.isnan()].mean()) if (~col.isnan()).any() else float("nan")
-                )
-            valid = ~combined.isnan()
-            row.update(
-                {
-                    "reward": float(combined[valid].mean()) if valid.any() else float("nan"),
-                    "adv_std": float(adv.std()),
-                    "loss": loss_total,
-                    "ratio_mean": float(r_all.mean()),
-                    "ratio_max": float(r_all.max()),
-                    "clip_frac": float(((r_all - 1).abs() > tr.clip_range).float().mean()),
-                    "kl": world.mean(float(np.mean(kls))) if kls else 0.0,
-                    "grad_norm": grad_norm,
-                    "skipped": skipped_total,
-                    "reward_faults": sum(service.faults.values()) - faults_before,
-                    "lr": lr_at(iteration - 1, tr),
-                    "window": window[0],
-                    "nfe": iteration * nfe_per_iteration(recipe),
-                    "rollout_s": rollout_s,
-                    "reward_wait_s": wait_s,
-                    "train_s": train_s,
-                    "checkpoint_s": ckpt_s,
-                    "step_s": time.perf_counter() - t0,
-                }
-            )
-            if eval_sets and iteration % recipe.eval.every == 0:
-                row.update(evaluate(iteration))
-                evals[iteration] = row["eval_oracle_overall"]
-            if (
-                iteration % recipe.run.log_every == 0
-                or iteration == tr.iterations
-                or "eval_oracle_overall" in row
-            ):
-                log.append(row)
-                yield row
+        yield from session.loop(one_iteration, nfe_per_iteration(recipe))
     finally:
         service.close(wait=True)
-        log.close()
-
-    final = out / "model"
-    with ema_weights(named, ema):
-        export_policy(policy, final, tr.lora_rank > 0, world, lambda: load_policy(recipe.model, device="cpu"), tr)
-    yield {
-        "done": True,
-        "steps": iteration,
-        "resumed_from": start_iteration,
-        "skipped": skipped_total,
-        "reward_faults": dict(service.faults),
-        "train_seconds": round(time.perf_counter() - t_start, 1),
-        "nfe": iteration * nfe_per_iteration(recipe),
-        **({"eval_first": round(evals[min(evals)], 2), "eval_last": round(evals[max(evals)], 2)} if evals else {}),
-        "model": str(final),
-    }
+    yield session.finish(reward_faults=dict(service.faults))
 
 
 @torch.no_grad()
@@ -486,7 +389,7 @@ def _kl(v: Tensor, v_ref: Tensor, ro: Any, n: int, space: str) -> Tensor:
     """KL regulariser at the recorded state n, CFG-free, on the policy's conditional velocity v (with
     grad): ``mean ||v - v_ref||^2`` (velocity) or the Gaussian KL of the SDE transition,
     ``sde_kl_factor * mean ||v - v_ref||^2`` (mean; Flow-GRPO, Liu et al. 2025, eq. 6)."""
-    sq = (v - v_ref).square().mean()
+    sq = (v.float() - v_ref.float()).square().mean()  # fp32 whatever the model's dtype
     if space == "mean":
         sq = sq * sde_kl_factor(float(ro.timesteps[n]), float(ro.timesteps[n + 1]), ro.noise_level)
     return sq

@@ -49,6 +49,7 @@ from qirl.rewards.vlm.losses import bradley_terry_loss, lm_loss, pointwise_loss
 from qirl.rewards.vlm.model import VLMReward, VLMRewardConfig
 from qirl.rewards.vlm.prompting import MARKER, answer_prefix, reasoning_text
 from qirl.runlog import append_metrics, checkpoint_to_resume, start_metrics
+from qirl.schedules import lr_at
 from qirl.stats import spearman
 
 
@@ -181,14 +182,6 @@ def evaluate_reward_model(
 
 
 # ------------------------------------------------------------------------------------------ training
-
-
-def lr_at(step: int, train: RewardTrain) -> float:
-    """Linear warm-up, then cosine decay to 10%."""
-    if step < train.warmup_steps:
-        return train.lr * (step + 1) / train.warmup_steps
-    progress = (step - train.warmup_steps) / max(1, train.steps - train.warmup_steps)
-    return train.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 def _truncate_words(rm: VLMReward, text: str, max_tokens: int) -> str:
@@ -364,7 +357,7 @@ def train_reward_model(recipe: RewardTrainRecipe, resume: bool = False) -> Itera
         idx = data_rng.choice(len(ds), size=min(train.batch_size, len(ds)), replace=False)
         rows = [ds[int(i)] for i in idx]
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, train)
+            group["lr"] = lr_at(step, train.lr, train.warmup_steps, train.steps)
         rm.train()
         if pointwise:
             loss, parts = _pointwise_step(rm, rows, recipe, data_rng)
@@ -383,7 +376,7 @@ def train_reward_model(recipe: RewardTrainRecipe, resume: bool = False) -> Itera
             row: dict[str, Any] = {
                 "step": step,
                 "total": train.steps,
-                "lr": lr_at(step - 1, train),
+                "lr": lr_at(step - 1, train.lr, train.warmup_steps, train.steps),
                 "step_s": time.perf_counter() - t0,
             }
             row.update(
