@@ -200,14 +200,21 @@ def test_lora_targets_are_transformer_block_linears(tiny):
         assert {"attn.to_q", "attn.add_q_proj", "attn.to_out.0"} <= kinds, (family, kinds)
 
 
-def test_bf16_weights_fp32_velocity_and_checkpointing_grads(tiny):
+def test_bf16_weights_bf16_velocity_fp32_rollout_and_checkpointing_grads(tiny):
+    """bf16 weights give bf16 velocities (the fused SDE kernels read them once, in fp32 inside); the
+    rollout's states and log-probs stay fp32."""
+    from qirl.sampling import sample_sde
+
     path = str(tiny("qwen-image"))
     policy = load_policy(path, options=PolicyOptions(resolution=RES, device="cpu", dtype="bfloat16"))
     assert policy.dtype == torch.bfloat16 and policy.text_encoder.dtype == torch.bfloat16
     with torch.no_grad():
         cond = policy.encode(PROMPTS)
         v = policy.velocity(torch.randn(2, *policy.latent_shape), torch.tensor([0.5, 0.5]), cond)
-    assert v.dtype == torch.float32 and torch.isfinite(v).all()
+        ro = sample_sde(policy, cond, 2, guidance=2.0, generator=torch.Generator().manual_seed(0))
+    assert v.dtype == torch.bfloat16 and torch.isfinite(v).all()
+    assert ro.latents.dtype == torch.float32 and ro.logps_old.dtype == torch.float32
+    assert torch.isfinite(ro.logps_old).all() and torch.isfinite(ro.latents).all()
 
     def grads(checkpointing: bool) -> tuple[list[torch.Tensor], int]:
         policy = load_policy(path, options=PolicyOptions(resolution=RES, device="cpu", gradient_checkpointing=checkpointing))
