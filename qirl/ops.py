@@ -10,7 +10,10 @@ arguments). `QIRL_KERNELS` picks:
 
 The choice is logged once per (op, backend, reason) at INFO. The kernel modules are imported on first
 use, so `import qirl.ops` does not import Triton (which would fix the interpreter setting too early).
-Formulas, shapes and numerics are documented in each kernel module; the functionals only dispatch.
+Formulas, shapes and numerics are documented in each kernel module; the functionals only dispatch. The
+Triton path goes through the ops registered with `torch.library` (`qirl.custom_ops`, namespace ``qirl``),
+so `torch.compile` keeps each kernel as one graph node with its registered backward; the references are
+plain torch, which it traces by itself.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from qirl import custom_ops
 from qirl.errors import UserError
+from qirl.kernels._scalars import per_sample_scalar
 
 if TYPE_CHECKING:
     from qirl.kernels.cfg_sde_step import SdeStepOutput
@@ -39,8 +44,15 @@ _MODES = ("auto", "triton", "torch")
 _logged: set[tuple[str, str, str]] = set()
 
 
+_modules: dict[str, ModuleType] = {}
+
+
 def _kernel_module(name: str) -> ModuleType:
-    return importlib.import_module(f"qirl.kernels.{name}")
+    """The kernel module, imported on first use and then read from a dict (which `torch.compile` traces;
+    an import it cannot)."""
+    if name not in _modules:
+        _modules[name] = importlib.import_module(f"qirl.kernels.{name}")
+    return _modules[name]
 
 
 def resolve_backend(op: str, device: torch.device) -> Backend:
@@ -96,23 +108,18 @@ def cfg_sde_step(
     if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in tensors):
         raise ValueError("cfg_sde_step has no gradient: call it under torch.no_grad() and use sde_logprob")
     mod = _kernel_module("cfg_sde_step")
-    impl = (
-        mod.cfg_sde_step_triton
-        if resolve_backend("cfg_sde_step", v.device) == "triton"
-        else mod.cfg_sde_step_ref
+    if resolve_backend("cfg_sde_step", v.device) == "torch":
+        return mod.cfg_sde_step_ref(
+            v, x_t, eps, t, dt, noise_level, v_uncond=v_uncond, guidance=guidance, reduction=reduction,
+            return_velocity=return_velocity,
+        )
+    mod._check_args(v, v_uncond, {"x_t": x_t, "eps": eps}, guidance, noise_level, dt, reduction)
+    b, device = v.shape[0], v.device
+    x_next, logp, velocity = custom_ops.cfg_sde_step(
+        v, x_t, eps, per_sample_scalar(t, b, device, "t"), per_sample_scalar(dt, b, device, "dt"),
+        float(noise_level), v_uncond, float(guidance), reduction, return_velocity,
     )
-    return impl(
-        v,
-        x_t,
-        eps,
-        t,
-        dt,
-        noise_level,
-        v_uncond=v_uncond,
-        guidance=guidance,
-        reduction=reduction,
-        return_velocity=return_velocity,
-    )
+    return mod.SdeStepOutput(x_next, logp, velocity if return_velocity else None)
 
 
 def sde_logprob(
@@ -134,12 +141,16 @@ def sde_logprob(
     Formulas: `qirl.kernels.cfg_sde_step`.
     """
     mod = _kernel_module("cfg_sde_step")
-    impl = (
-        mod.sde_logprob_triton
-        if resolve_backend("sde_logprob", v.device) == "triton"
-        else mod.sde_logprob_ref
+    if resolve_backend("sde_logprob", v.device) == "torch":
+        return mod.sde_logprob_ref(
+            v, x_t, x_next, t, dt, noise_level, v_uncond=v_uncond, guidance=guidance, reduction=reduction
+        )
+    mod._check_args(v, v_uncond, {"x_t": x_t, "x_next": x_next}, guidance, noise_level, dt, reduction)
+    b, device = v.shape[0], v.device
+    return custom_ops.sde_logprob(
+        v, x_t, x_next, per_sample_scalar(t, b, device, "t"), per_sample_scalar(dt, b, device, "dt"),
+        float(noise_level), v_uncond, float(guidance), reduction,
     )
-    return impl(v, x_t, x_next, t, dt, noise_level, v_uncond=v_uncond, guidance=guidance, reduction=reduction)
 
 
 def group_advantage(
@@ -156,10 +167,11 @@ def group_advantage(
     Advantages are constants of the policy gradient: no gradient flows to the rewards.
     Formula and missing-reward rules: `qirl.kernels.group_advantage`.
     """
-    mod = _kernel_module("group_advantage")
-    backend = resolve_backend("group_advantage", rewards.device)
-    impl = mod.group_advantage_triton if backend == "triton" else mod.group_advantage_ref
-    return impl(rewards, weights, eps=eps, clip=clip, unbiased=unbiased)
+    if resolve_backend("group_advantage", rewards.device) == "torch":
+        return _kernel_module("group_advantage").group_advantage_ref(
+            rewards, weights, eps=eps, clip=clip, unbiased=unbiased
+        )
+    return custom_ops.group_advantage(rewards, weights, float(eps), None if clip is None else float(clip), unbiased)
 
 
 def velocity_mse(student: torch.Tensor, teacher: torch.Tensor) -> VelocityMSEOutput:
@@ -169,9 +181,7 @@ def velocity_mse(student: torch.Tensor, teacher: torch.Tensor) -> VelocityMSEOut
     the teacher if it requires grad). Formulas: `qirl.kernels.velocity_mse`.
     """
     mod = _kernel_module("velocity_mse")
-    impl = (
-        mod.velocity_mse_triton
-        if resolve_backend("velocity_mse", student.device) == "triton"
-        else mod.velocity_mse_ref
-    )
-    return impl(student, teacher)
+    if resolve_backend("velocity_mse", student.device) == "torch":
+        return mod.velocity_mse_ref(student, teacher)
+    per_sample = custom_ops.velocity_mse(student, teacher)  # [B]
+    return mod.VelocityMSEOutput(per_sample.mean(), per_sample)
