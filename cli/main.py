@@ -17,7 +17,7 @@ import typer
 
 from qirl.errors import UserError
 
-from .render import err_console, live_metrics, print_summary
+from .render import err_console, live_metrics, print_rows, print_summary
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -385,7 +385,9 @@ def grpo(
 @app.command()
 @user_errors
 def distill(
-    recipe: Annotated[Path, typer.Argument(help="Distillation recipe (e.g. recipes/distill.yaml).")],
+    recipe: Annotated[
+        Path | None, typer.Argument(help="Distillation recipe: a file or built-in name (default: the built-in distill).")
+    ] = None,
     overrides: Overrides = None,
     teachers: Annotated[
         str | None,
@@ -409,6 +411,8 @@ def distill(
     def check(cfg: DistillRecipe, n: int) -> None:
         validate(select_teachers(cfg, teachers), world_size=n)
 
+    recipe, overrides = _recipe_or_override(recipe, overrides)
+    recipe = recipe if recipe is not None else Path("distill")
     _run_recipe(DistillRecipe, run_selected, recipe, overrides, resume, "distill", quiet, json_out, nproc, check)
 
 
@@ -423,6 +427,35 @@ def consolidate(
     from qirl.checkpoint import consolidate as run
 
     err_console.print(f"wrote {run(checkpoint, out, group)}")
+
+
+recipes_app = typer.Typer(help="The built-in recipes: list them, copy one out to edit.", no_args_is_help=True)
+app.add_typer(recipes_app, name="recipes")
+
+
+@recipes_app.command("list")
+@user_errors
+def recipes_list(json_out: AsJson = False) -> None:
+    """Every built-in recipe: its name (what the commands take), what it runs and the command in its header."""
+    from qirl.builtin_recipes import list_recipes
+
+    rows = list_recipes()
+    if json_out:
+        print_rows([r.__dict__ for r in rows], True, "recipes")
+        return
+    print_rows([{"name": r.name, "runs": r.runs, "command": r.command, "about": r.about} for r in rows], False, "recipes")
+
+
+@recipes_app.command("cp")
+@user_errors
+def recipes_cp(
+    name: Annotated[str, typer.Argument(help="A built-in recipe (qirl recipes list).")],
+    dest: Annotated[Path, typer.Argument(help="File or folder to copy it to (an existing file is kept).")],
+) -> None:
+    """Copy a built-in recipe out for editing; run the copy by its path."""
+    from qirl.builtin_recipes import copy_recipe
+
+    err_console.print(f"wrote {copy_recipe(name, dest)}")
 
 
 eval_app = typer.Typer(

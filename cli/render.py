@@ -71,15 +71,59 @@ def live_metrics(stream: Iterator[dict[str, Any]], title: str, quiet: bool = Fal
     return summary
 
 
+def _cell(value: Any) -> str:
+    if isinstance(value, dict | list):
+        return json.dumps(value, default=str)  # a third level of nesting: compact, still exact
+    return _fmt(value)
+
+
+def _sub_table(name: str, value: dict[str, Any]) -> Table:
+    """A nested result as its own table: {row: {column: value}} as a grid, {key: value} as two columns."""
+    table = Table(title=name, title_justify="left")
+    if all(isinstance(v, dict) for v in value.values()):
+        columns = list(dict.fromkeys(k for row in value.values() for k in row))
+        table.add_column("")
+        for c in columns:
+            table.add_column(str(c), justify="right")
+        for key, row in value.items():
+            table.add_row(str(key), *(_cell(row.get(c, "")) for c in columns))
+    else:
+        table.add_column("")
+        table.add_column("value", justify="right")
+        for key, v in value.items():
+            table.add_row(str(key), _cell(v))
+    return table
+
+
 def print_summary(summary: dict[str, Any], as_json: bool, title: str) -> None:
-    """The final summary: JSON on stdout for machines, or a table for people."""
+    """The final summary: JSON on stdout for machines (the full structure), or tables for people: the
+    scalars in one, and each nested result (per category, per reward, ...) in its own."""
     clean = {k: v for k, v in summary.items() if k != "done"}
     if as_json:
         sys.stdout.write(json.dumps(clean, indent=1, default=str) + "\n")
         return
     table = Table(title=title, show_header=False)
+    nested = {}
     for key, value in clean.items():
-        if isinstance(value, dict):
-            value = ", ".join(f"{k}={_fmt(v)}" for k, v in value.items())
-        table.add_row(key, _fmt(value))
+        if isinstance(value, dict) and value:
+            nested[key] = value
+        elif isinstance(value, list):
+            table.add_row(key, f"{len(value)} items (--json for all)")
+        else:
+            table.add_row(key, _fmt(value))
+    out_console.print(table)
+    for key, value in nested.items():
+        out_console.print(_sub_table(key, value))
+
+
+def print_rows(rows: list[dict[str, Any]], as_json: bool, title: str) -> None:
+    """A list of records: JSON on stdout, or one table with a column per key."""
+    if as_json:
+        sys.stdout.write(json.dumps(rows, indent=1, default=str) + "\n")
+        return
+    table = Table(title=title)
+    for i, key in enumerate(dict.fromkeys(k for row in rows for k in row)):
+        table.add_column(key, no_wrap=i == 0, overflow="fold")
+    for row in rows:
+        table.add_row(*(_cell(v) for v in row.values()))
     out_console.print(table)

@@ -74,7 +74,8 @@ def _resolve_includes(data: Any, base_dir: Path, chain: tuple[Path, ...]) -> Any
 
 
 def load_recipe(schema: type[T], path: str | Path | None, overrides: list[str] | None = None) -> T:
-    """Load `path` (YAML) over the defaults of `schema`, then apply `key=value` overrides.
+    """Load `path` (YAML; a file, else a built-in recipe name such as ``t2i``) over the defaults of
+    `schema`, then apply `key=value` overrides.
 
     Unknown keys, wrong types, a missing file and malformed YAML all raise `UserError` naming the file
     and the key, so the CLI can print one line and exit 2.
@@ -82,7 +83,9 @@ def load_recipe(schema: type[T], path: str | Path | None, overrides: list[str] |
     base = OmegaConf.structured(schema)
     layers = [base]
     if path is not None:
-        path = Path(path)
+        from qirl.builtin_recipes import resolve_recipe
+
+        path = resolve_recipe(path)  # a file, else a built-in recipe's name (`qirl recipes list`)
         data = _resolve_includes(_read_yaml(path), path.parent, (path.resolve(),))
         try:
             layers.append(OmegaConf.create(data))

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qirl.builtin_recipes import shipped_path
 from qirl.data import PromptRecord, load_image, read_jsonl, record_from_dict
 from qirl.errors import UserError
 from qirl.shapes import random_edit_record, random_t2i_record, render_batch
@@ -105,6 +106,7 @@ def resolve_prompts(spec: str) -> list[PromptRecord]:
         if not count.isdigit() or int(count) < 1:
             raise UserError(f"{spec!r}: the pool size after ':' must be a positive integer")
         return generated_pool(kind, int(count))
+    spec = shipped_path(spec)  # recipes/data/... of a built-in recipe, from any folder
     if not spec.endswith(".jsonl") and not Path(spec).exists():
         raise UserError(f"--prompts {spec!r}: not a file and not a built-in set ({', '.join(BUILTIN_SETS)})")
     return read_jsonl(spec)

@@ -184,7 +184,7 @@ def test_resume_is_exact(tmp_path, perturbed):
 
 def test_missing_teacher_names_the_task_and_the_run_that_makes_it(tmp_path):
     out = tmp_path / "m"
-    with pytest.raises(UserError, match=r"task 'edit'.*nope.*qirl grpo recipes/edit\.yaml"):
+    with pytest.raises(UserError, match=r"teacher runs not found: edit \(.*nope\).*`qirl grpo edit run.out_dir=.*nope`"):
         rows(recipe(out, "base", str(tmp_path / "nope")))
     assert not out.exists()  # nothing written
 
@@ -254,6 +254,6 @@ def test_cli_runs_one_iteration_and_a_missing_teacher_exits_2(tmp_path, perturbe
         ["distill", "--teachers", f"t2i=base,edit={tmp_path}/gone", *args[:-1], f"run.out_dir={tmp_path}/x"],
     )
     assert missing.exit_code == 2, missing.output
-    assert "qirl grpo recipes/edit.yaml" in missing.output and "Traceback" not in missing.output
+    assert "`qirl grpo edit run.out_dir=" in missing.output and "Traceback" not in missing.output
     assert len(missing.output.strip().splitlines()) == 1, missing.output
     assert not (tmp_path / "x").exists()

@@ -227,8 +227,8 @@ def _load_teacher(task: str, spec: str, options: PolicyOptions | None = None) ->
     """A frozen teacher (eval mode, no grad); a missing one is a UserError saying which run makes it."""
     if spec != "base" and not Path(spec).exists():
         raise UserError(
-            f"teacher for task {task!r}: {spec} does not exist; train it with `qirl grpo recipes/{task}.yaml` "
-            f"(run.out_dir={spec}) or point to another run or model (--teachers {task}=PATH)"
+            f"teacher for task {task!r}: {spec} does not exist; make it with `qirl grpo {task} run.out_dir={spec}` "
+            f"or point to another run or model (--teachers {task}=PATH)"
         )
     try:
         teacher = load_policy(spec, options=options)
@@ -254,6 +254,13 @@ def load_teachers(recipe: DistillRecipe, tasks: set[str]) -> dict[str, FlowPolic
         logger.warning(
             "teachers %s not loaded: data.prompts=%r draws no such prompts", unused, recipe.data.prompts
         )
+    absent = [(task, recipe.teachers[task]) for task in sorted(tasks)
+              if recipe.teachers[task] != "base" and not Path(recipe.teachers[task]).exists()]
+    if absent:  # every missing run in one line, with the command that makes it
+        what = ", ".join(f"{task} ({spec})" for task, spec in absent)
+        how = " and ".join(f"`qirl grpo {task} run.out_dir={spec}`" for task, spec in absent)
+        flag = ",".join(f"{task}=PATH" for task, _ in absent)
+        raise UserError(f"teacher runs not found: {what}; make them with {how}, or point to others (--teachers {flag})")
     loaded: dict[str, FlowPolicy] = {}
     out = {}
     for task in sorted(tasks):
