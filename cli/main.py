@@ -443,7 +443,7 @@ def recipes_list(json_out: AsJson = False) -> None:
     if json_out:
         print_rows([r.__dict__ for r in rows], True, "recipes")
         return
-    print_rows([{"name": r.name, "runs": r.runs, "command": r.command, "about": r.about} for r in rows], False, "recipes")
+    print_rows([{"name": r.name, "runs": r.runs, "command": r.command} for r in rows], False, "recipes")  # --json: + about
 
 
 @recipes_app.command("cp")
