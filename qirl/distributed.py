@@ -208,7 +208,12 @@ def wrap_policy(policy: nn.Module, world: World, strategy: str, mixed_precision:
 
         # init_sync=False: every rank loaded the same weights and seeded its LoRA init identically;
         # forward_sync_buffers=False: buffers are constants (positions); no collective in a forward.
-        ddp = DistributedDataParallel(policy, init_sync=False, forward_sync_buffers=False)
+        # A policy with task-specific weights (the tiny DiT's source projection, used only by edit rows)
+        # asks DDP not to wait for gradients a micro-batch without that task never produces.
+        unused = bool(getattr(policy, "has_task_specific_parameters", False))
+        ddp = DistributedDataParallel(
+            policy, init_sync=False, forward_sync_buffers=False, find_unused_parameters=unused
+        )
         return DataParallelPolicy(policy, ddp)
     if strategy == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

@@ -225,6 +225,12 @@ class TinyDiT(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.patch_embed.weight.dtype
 
+    @property
+    def has_task_specific_parameters(self) -> bool:
+        """True with sequence edit conditioning: ``source_embed`` (and the source type embedding) take part
+        only in forwards with edit rows, so data parallelism must not wait for their gradients elsewhere."""
+        return self.config.edit_conditioning == "sequence"
+
     def trainable_parameters(self, include_text_encoder: bool = False) -> list[nn.Parameter]:
         """The DiT's parameters; the text encoder's only on request.
 
