@@ -232,11 +232,14 @@ def test_kl_on_the_surrogates_forward_equals_a_separate_forward():
     x, t = ro.state(0), torch.full((2,), float(ro.timesteps[0]))
     kl_sep = _kl(policy.velocity(x, t, cond).float(), v_ref, ro, 0, "mean")
     torch.testing.assert_close(kl, kl_sep)
-    params = policy.trainable_parameters()
-    g1 = torch.autograd.grad(kl, params)
-    g2 = torch.autograd.grad(kl_sep, params)
+    params = policy.trainable_parameters()  # the source projection is unused by text-to-image rows
+    g1 = torch.autograd.grad(kl, params, allow_unused=True)
+    g2 = torch.autograd.grad(kl_sep, params, allow_unused=True)
+    assert sum(g is not None for g in g1) > len(params) // 2
     for a, b in zip(g1, g2, strict=True):
-        torch.testing.assert_close(a, b)
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b)
     assert float(kl.detach()) > 0
     add_lora(policy, 4, 16.0, policy.default_lora_targets)
     with torch.no_grad():

@@ -194,7 +194,9 @@ def test_bf16_velocities_reach_the_kernels_unconverted(
     n = r.trained_steps[-1]
     logp = trajectory_logprob(policy, r, n, c)  # [2]
     assert logp.dtype == torch.float32 and logp.requires_grad
-    torch.testing.assert_close(logp.detach(), r.logps_old[n], rtol=0, atol=1e-6)
+    # The rollout's forward ran [cond ; uncond] as one batch, this one cond alone: fp32 sums that differ in
+    # the last bit can round to neighbouring bf16 values, so the ratio is 1 to bf16 precision, not exactly.
+    torch.testing.assert_close(logp.detach(), r.logps_old[n], rtol=0, atol=1e-4)
     assert seen and set(seen) == {torch.bfloat16}
 
 
@@ -282,7 +284,8 @@ def test_policy_gradient_step_moves_log_probs_with_the_advantage():
         (-(ratio * adv).mean()).backward()
     with torch.no_grad():
         for p in policy.trainable_parameters():
-            p -= 1e-2 * p.grad
+            if p.grad is not None:  # the source projection is unused by text-to-image rows
+                p -= 1e-2 * p.grad
         for n in ro.trained_steps:
             delta = trajectory_logprob(policy, ro, n, cond) - ro.logps_old[n]
             assert torch.all(torch.sign(delta) == adv), (n, delta)
