@@ -50,7 +50,6 @@ import math
 from typing import Literal, NamedTuple
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ._runtime import (
     FP_FUSION,
@@ -69,7 +68,6 @@ from ._runtime import (
 Reduction = Literal["mean", "sum"]
 
 __all__ = [
-    "SdeLogprobFunction",
     "SdeStepOutput",
     "cfg_sde_step_ref",
     "cfg_sde_step_triton",
@@ -585,54 +583,6 @@ def _sde_logprob_backward(
     )
 
 
-class SdeLogprobFunction(torch.autograd.Function):
-    """logp [B] = sde_logprob(v | v_u, v_c, x_t, x_next) on the Triton path, with a fused backward.
-
-    apply(v, v_uncond, x_t, x_next, t [B] fp32, dt [B] fp32, noise_level, guidance, reduction).
-    Gradients flow to v, v_uncond, x_t and x_next; t, dt and the scalars get none.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: torch.autograd.function.FunctionCtx,
-        v: torch.Tensor,
-        v_uncond: torch.Tensor | None,
-        x_t: torch.Tensor,
-        x_next: torch.Tensor,
-        t: torch.Tensor,
-        dt: torch.Tensor,
-        noise_level: float,
-        guidance: float,
-        reduction: Reduction,
-    ) -> torch.Tensor:
-        logp = _sde_logprob_forward(v, v_uncond, x_t, x_next, t, dt, noise_level, guidance, reduction)
-        ctx.save_for_backward(v, v_uncond, x_t, x_next, t, dt)
-        ctx.scalars = (noise_level, guidance, reduction)
-        return logp
-
-    @staticmethod
-    @once_differentiable
-    def backward(
-        ctx: torch.autograd.function.FunctionCtx, grad_logp: torch.Tensor
-    ) -> tuple[torch.Tensor | None, ...]:
-        v, v_uncond, x_t, x_next, t, dt = ctx.saved_tensors
-        noise_level, guidance, reduction = ctx.scalars
-        grads = _sde_logprob_backward(
-            grad_logp,
-            v,
-            v_uncond,
-            x_t,
-            x_next,
-            t,
-            dt,
-            noise_level,
-            guidance,
-            reduction,
-            needs=tuple(ctx.needs_input_grad[:4]),
-        )
-        return (*grads, None, None, None, None, None)
-
-
 def sde_logprob_triton(
     v: torch.Tensor,
     x_t: torch.Tensor,
@@ -650,6 +600,6 @@ def sde_logprob_triton(
     check_launchable(v, v_uncond, x_t, x_next)
     tv = per_sample_scalar(t, v.shape[0], v.device, "t")  # [B] fp32
     dtv = per_sample_scalar(dt, v.shape[0], v.device, "dt")  # [B] fp32
-    return SdeLogprobFunction.apply(
-        v, v_uncond, x_t, x_next, tv, dtv, float(noise_level), float(guidance), reduction
-    )
+    from qirl.kernels._ops import sde_logprob  # the registered op: fused forward, fused backward
+
+    return sde_logprob(v, x_t, x_next, tv, dtv, float(noise_level), v_uncond, float(guidance), reduction)

@@ -21,13 +21,11 @@ import math
 from typing import NamedTuple
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ._runtime import (
     FP_FUSION,
     HAS_TRITON,
     block_for,
-    check_launchable,
     empty,
     launch_device,
     rows,
@@ -35,7 +33,7 @@ from ._runtime import (
     triton,
 )
 
-__all__ = ["VelocityMSEFunction", "VelocityMSEOutput", "velocity_mse_ref", "velocity_mse_triton"]
+__all__ = ["VelocityMSEOutput", "velocity_mse_ref", "velocity_mse_triton"]
 
 
 class VelocityMSEOutput(NamedTuple):
@@ -125,7 +123,7 @@ if HAS_TRITON:
 
 
 def _velocity_mse_forward(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Forward launch: per-sample MSE [B] fp32 (no autograd; see `VelocityMSEFunction`)."""
+    """Forward launch: per-sample MSE [B] fp32 (no autograd; the registered op `qirl.kernels._ops.velocity_mse` has the backward)."""
     batch = student.shape[0]
     n = math.prod(student.shape[1:])
     s2 = rows(student).contiguous()  # [B, N]
@@ -175,30 +173,9 @@ def _velocity_mse_backward(
     )
 
 
-class VelocityMSEFunction(torch.autograd.Function):
-    """per_sample [B] = mean_i (s - t)^2 on the Triton path; backward to the student (and teacher if asked)."""
-
-    @staticmethod
-    def forward(
-        ctx: torch.autograd.function.FunctionCtx, student: torch.Tensor, teacher: torch.Tensor
-    ) -> torch.Tensor:
-        _check_args(student, teacher)
-        check_launchable(student, teacher)
-        ctx.save_for_backward(student, teacher)
-        return _velocity_mse_forward(student, teacher)
-
-    @staticmethod
-    @once_differentiable
-    def backward(
-        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        student, teacher = ctx.saved_tensors
-        return _velocity_mse_backward(
-            grad, student, teacher, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        )
-
-
 def velocity_mse_triton(student: torch.Tensor, teacher: torch.Tensor) -> VelocityMSEOutput:
     """Triton path of `velocity_mse_ref`: the per-sample MSE from the kernel, the loss as its mean."""
-    per_sample = VelocityMSEFunction.apply(student, teacher)  # [B] fp32
+    from qirl.kernels._ops import velocity_mse  # the registered op: fused forward, fused backward
+
+    per_sample = velocity_mse(student, teacher)  # [B] fp32
     return VelocityMSEOutput(per_sample.mean(), per_sample)

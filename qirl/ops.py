@@ -11,7 +11,7 @@ arguments). `QIRL_KERNELS` picks:
 The choice is logged once per (op, backend, reason) at INFO. The kernel modules are imported on first
 use, so `import qirl.ops` does not import Triton (which would fix the interpreter setting too early).
 Formulas, shapes and numerics are documented in each kernel module; the functionals only dispatch. The
-Triton path goes through the ops registered with `torch.library` (`qirl.custom_ops`, namespace ``qirl``),
+Triton path goes through the ops registered with `torch.library` (`qirl.kernels._ops`, namespace ``qirl``),
 so `torch.compile` keeps each kernel as one graph node with its registered backward; the references are
 plain torch, which it traces by itself.
 """
@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from qirl import custom_ops
 from qirl.errors import UserError
+from qirl.kernels import _ops as custom_ops
 from qirl.kernels._scalars import per_sample_scalar
 
 if TYPE_CHECKING:
@@ -141,16 +141,8 @@ def sde_logprob(
     Formulas: `qirl.kernels.cfg_sde_step`.
     """
     mod = _kernel_module("cfg_sde_step")
-    if resolve_backend("sde_logprob", v.device) == "torch":
-        return mod.sde_logprob_ref(
-            v, x_t, x_next, t, dt, noise_level, v_uncond=v_uncond, guidance=guidance, reduction=reduction
-        )
-    mod._check_args(v, v_uncond, {"x_t": x_t, "x_next": x_next}, guidance, noise_level, dt, reduction)
-    b, device = v.shape[0], v.device
-    return custom_ops.sde_logprob(
-        v, x_t, x_next, per_sample_scalar(t, b, device, "t"), per_sample_scalar(dt, b, device, "dt"),
-        float(noise_level), v_uncond, float(guidance), reduction,
-    )
+    impl = mod.sde_logprob_triton if resolve_backend("sde_logprob", v.device) == "triton" else mod.sde_logprob_ref
+    return impl(v, x_t, x_next, t, dt, noise_level, v_uncond=v_uncond, guidance=guidance, reduction=reduction)
 
 
 def group_advantage(
@@ -181,7 +173,5 @@ def velocity_mse(student: torch.Tensor, teacher: torch.Tensor) -> VelocityMSEOut
     the teacher if it requires grad). Formulas: `qirl.kernels.velocity_mse`.
     """
     mod = _kernel_module("velocity_mse")
-    if resolve_backend("velocity_mse", student.device) == "torch":
-        return mod.velocity_mse_ref(student, teacher)
-    per_sample = custom_ops.velocity_mse(student, teacher)  # [B]
-    return mod.VelocityMSEOutput(per_sample.mean(), per_sample)
+    impl = mod.velocity_mse_triton if resolve_backend("velocity_mse", student.device) == "triton" else mod.velocity_mse_ref
+    return impl(student, teacher)

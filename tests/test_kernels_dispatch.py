@@ -34,9 +34,9 @@ cpu_only = pytest.mark.skipif(DEVICE.type != "cpu", reason="checks the CPU defau
 # (module, the Triton entry each functional must reach (through its torch.library op), the reference entry)
 ENTRIES = {
     "cfg_sde_step": (sde_mod, "cfg_sde_step_triton", "cfg_sde_step_ref"),
-    "sde_logprob": (sde_mod, "_sde_logprob_forward", "sde_logprob_ref"),
+    "sde_logprob": (sde_mod, "sde_logprob_triton", "sde_logprob_ref"),
     "group_advantage": (adv_mod, "group_advantage_triton", "group_advantage_ref"),
-    "velocity_mse": (mse_mod, "_velocity_mse_forward", "velocity_mse_ref"),
+    "velocity_mse": (mse_mod, "velocity_mse_triton", "velocity_mse_ref"),
 }
 
 

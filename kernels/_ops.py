@@ -9,7 +9,8 @@ fuse) by itself and autograd differentiates, so `qirl.ops` calls them directly (
 inside an op, and wrapping them would change nothing a compiler sees).
 
 Op schemas take tensors only where qirl's functionals also take floats: `t` and `dt` arrive as per-sample
-fp32 vectors [B]. Call the functionals in `qirl.ops`, not these ops.
+fp32 vectors [B]. Call the functionals in `qirl.ops` (or a kernel module's ``*_triton`` entry, which wraps
+the same op), not these ops. This module imports torch only, never Triton.
 """
 
 import importlib
@@ -82,7 +83,7 @@ def sde_logprob(
     """logp [B] fp32 of x_next under the (guided) velocity."""
     mod = _module("cfg_sde_step")
     mod._check_args(v, v_uncond, {"x_t": x_t, "x_next": x_next}, guidance, noise_level, dt, reduction)
-    mod.check_launchable(v, v_uncond, x_t, x_next)
+    _module("_runtime").check_launchable(v, v_uncond, x_t, x_next)
     return mod._sde_logprob_forward(v, v_uncond, x_t, x_next, t, dt, noise_level, guidance, reduction)
 
 
@@ -150,7 +151,7 @@ def velocity_mse(student: Tensor, teacher: Tensor) -> Tensor:
     """Per-sample MSE [B] fp32 (fp64 for fp64 inputs)."""
     mod = _module("velocity_mse")
     mod._check_args(student, teacher)
-    mod.check_launchable(student, teacher)
+    _module("_runtime").check_launchable(student, teacher)
     return mod._velocity_mse_forward(student, teacher)
 
 
