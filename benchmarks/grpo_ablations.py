@@ -1,14 +1,17 @@
-"""GRPO ablations on the Shapes world: run the arms, then print the held-out oracle table.
+"""GRPO ablations on the Shapes world: run the arms, then print the validation-oracle table.
 
 Every arm is `qirl grpo <recipe> <overrides>` with the same budget (iterations, P x G, eval set), into
-runs/ablations/<arm>. The table reads each arm's metrics.jsonl: held-out oracle overall and pillars at
-the last evaluation, and their change from step 0 (the base model, same prompts and noise), plus the
-mean training reward of the last 5 iterations (its own reward's scale).
+<out>/<arm> (default runs/ablations). The table reads each arm's metrics.jsonl: the oracle overall and
+pillars on the recipe's eval set (`val-t2i`) at the last evaluation, and their change from step 0 (the
+starting model, same prompts and noise), plus the mean training reward of the last 5 iterations (its
+own reward's scale).
 
     python benchmarks/grpo_ablations.py --run                  # all arms, 2 at a time, one thread each
     python benchmarks/grpo_ablations.py --run --arms cfg_both,cfg_none
     python benchmarks/grpo_ablations.py                        # only print the table of finished arms
     python benchmarks/grpo_ablations.py --extra ref=runs/grpo_t2i   # add a finished run as an arm
+    python benchmarks/grpo_ablations.py --run --model /tmp/old/qirl/assets/base --out runs/abl_prev
+                                                               # every arm from another starting model
 
 A finished run of the default recipe with the same eval settings can stand in for the `default` arm
 (its evaluation at step `--iterations` is read).
@@ -28,6 +31,7 @@ ITERATIONS = 40
 ARMS: dict[str, tuple[str, list[str]]] = {
     "default": ("recipes/t2i.yaml", []),
     "cfg_both": ("recipes/t2i.yaml", ["sampling.cfg_mode=both"]),
+    "cfg_both_detached": ("recipes/t2i.yaml", ["sampling.cfg_mode=both", "sampling.detach_uncond=true"]),
     "cfg_none": ("recipes/t2i.yaml", ["sampling.cfg_mode=none"]),
     "curated": ("recipes/t2i.yaml", ["data.prompts=recipes/data/t2i_curated.jsonl"]),
     "3r_calibrated": ("recipes/ablations/t2i_3r_calibrated.yaml", []),
@@ -38,21 +42,22 @@ ARMS: dict[str, tuple[str, list[str]]] = {
 PILLARS = ["Quality", "Aesthetics", "Alignment", "Real-world Fidelity", "Creative Generation"]
 
 
-def command(arm: str, iterations: int) -> list[str]:
+def command(arm: str, iterations: int, out: Path, model: str | None) -> list[str]:
     recipe, overrides = ARMS[arm]
+    chosen = [f"model={model}"] if model else []
     return [
-        sys.executable, "-m", "qirl.cli.main", "--threads", "1", "grpo", recipe, *overrides,
+        sys.executable, "-m", "qirl.cli.main", "--threads", "1", "grpo", recipe, *overrides, *chosen,
         f"train.iterations={iterations}", "eval.every=20", "eval.n=32",
-        f"run.out_dir=runs/ablations/{arm}", "--quiet", "--json",
+        f"run.out_dir={out / arm}", "--quiet", "--json",
     ]  # fmt: skip
 
 
-def run_arm(arm: str, iterations: int) -> tuple[str, int, float]:
+def run_arm(arm: str, iterations: int, out: Path, model: str | None) -> tuple[str, int, float]:
     t0 = time.perf_counter()
-    log = Path("runs/ablations") / f"{arm}.log"
+    log = out / f"{arm}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as fh:
-        rc = subprocess.call(command(arm, iterations), stdout=fh, stderr=subprocess.STDOUT)
+        rc = subprocess.call(command(arm, iterations, out, model), stdout=fh, stderr=subprocess.STDOUT)
     return arm, rc, time.perf_counter() - t0
 
 
@@ -86,23 +91,25 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=ITERATIONS)
     ap.add_argument("--parallel", type=int, default=2)
     ap.add_argument("--extra", action="append", default=[], help="name=run_dir of a finished run to add")
+    ap.add_argument("--model", default=None, help="the policy every arm starts from (default: the recipe's)")
+    ap.add_argument("--out", type=Path, default=Path("runs/ablations"), help="folder of the arms' runs")
     args = ap.parse_args()
     arms = [a for a in args.arms.split(",") if a]
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         sys.exit(f"unknown arms {unknown}; known: {', '.join(ARMS)}")
     if args.run:
-        todo = [a for a in arms if not (Path("runs/ablations") / a / "metrics.jsonl").exists()]
+        todo = [a for a in arms if not (args.out / a / "metrics.jsonl").exists()]
         with ThreadPoolExecutor(args.parallel) as pool:
-            for arm, rc, seconds in pool.map(lambda a: run_arm(a, args.iterations), todo):
-                shown = " ".join(["qirl", *command(arm, args.iterations)[3:]])
+            for arm, rc, seconds in pool.map(lambda a: run_arm(a, args.iterations, args.out, args.model), todo):
+                shown = " ".join(["qirl", *command(arm, args.iterations, args.out, args.model)[3:]])
                 print(f"{arm}: exit {rc} in {seconds:.0f} s  ({shown})", flush=True)
-    header = "| arm | iteration | held-out overall (change) | overall without Creative, change | "
+    header = "| arm | iteration | val overall (change) | overall without Creative, change | "
     header += " | ".join(f"{p} change" for p in PILLARS) + " | train reward |"
     print(header)
     print("|" + " --- |" * (len(PILLARS) + 5))
     for arm in arms:
-        line = row_for(arm, Path("runs/ablations") / arm, args.iterations)
+        line = row_for(arm, args.out / arm, args.iterations)
         if line:
             print(line)
     for item in args.extra:

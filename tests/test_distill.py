@@ -12,7 +12,18 @@ from qirl.checkpoint import latest_checkpoint, load_checkpoint
 from qirl.config import load_recipe
 from qirl.errors import UserError
 from qirl.models.registry import load_policy
-from qirl.rl.distill import DistillRecipe, distill, nfe_per_iteration, select_teachers, trained_steps
+from qirl.data import PromptRecord
+from qirl.prompt_sets import builtin_prompts, record_source
+from qirl.rl.distill import (
+    DistillRecipe,
+    DistillTeacher,
+    distill,
+    nfe_per_iteration,
+    routes,
+    rows_condition,
+    select_teachers,
+    trained_steps,
+)
 
 TINY = [
     "train.prompts_per_iter=4",
@@ -139,6 +150,24 @@ def test_lora_student_exports_a_merged_model(tmp_path, perturbed):
     base, merged = load_policy("base").state_dict(), load_policy(str(tmp_path / "l" / "model")).state_dict()
     changed = [n for n in base if not torch.equal(base[n], merged[n])]
     assert changed and all(n.startswith("blocks.") for n in changed)  # only the adapted DiT layers moved
+
+
+def test_the_rollout_reuses_the_routed_student_conditions_in_row_order():
+    """Prompts are encoded once per task; the rollout's condition is those rows put back in order."""
+    policy = load_policy("base")
+    mixed: list[PromptRecord] = []
+    for t2i, edit in zip(builtin_prompts("val-t2i")[:3], builtin_prompts("val-edit")[:3], strict=True):
+        mixed += [edit, t2i]  # interleaved tasks: rows e, t, e, t, e, t
+    sources = [record_source(r, policy.image_size) for r in mixed]
+    routed = routes(policy, {"t2i": policy, "edit": policy}, mixed, sources, DistillTeacher())
+    assert [route.task for route in routed] == ["t2i", "edit"]
+    cond = rows_condition(routed)
+    with torch.no_grad():
+        whole = policy.encode([r.prompt for r in mixed], sources)  # [6], encoded together
+    assert cond.is_edit.tolist() == [True, False] * 3
+    x, t = torch.randn((6, *policy.latent_shape), generator=torch.Generator().manual_seed(0)), torch.full((6,), 0.6)
+    with torch.no_grad():  # the same velocities as a condition encoded in one batch (padding aside)
+        torch.testing.assert_close(policy.velocity(x, t, cond), policy.velocity(x, t, whole), atol=1e-5, rtol=1e-4)
 
 
 def test_trained_steps_are_distinct_sorted_and_seeded():

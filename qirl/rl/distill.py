@@ -12,7 +12,8 @@ where T(c) is the teacher of prompt c's task. One iteration:
 
 1. Draw B prompt records (`qirl.rl.prompts.PromptSource`: `shapes-mix` with ``data.edit_fraction``, or a
    JSONL); every task the source can draw must have a teacher (checked before anything loads). Encode
-   them with the student (no grad; the text encoder is frozen).
+   each micro-batch's prompts once per task with the student and with that task's teacher (no grad;
+   the text encoders are frozen); the rollout reuses the student's conditions (`rows_condition`).
 2. Roll the student out without grad from seeded noise (``rollout``): the Flow-GRPO SDE (`sample_sde`,
    ``keep_all_states=True``; the stochastic policy pi_theta of the RL stage) or the Euler ODE
    (`sample_ode`, the deployment sampler), with or without CFG (``rollout.guidance``). All N + 1 states
@@ -308,6 +309,15 @@ def routes(
     return out
 
 
+def rows_condition(routed: Sequence[Route]) -> Condition:
+    """The student's condition of a whole micro-batch, in row order, from its routes' conditions (so
+    the rollout does not encode the prompts a second time)."""
+    order = torch.cat([route.rows for route in routed])  # [b], route-major row positions
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(len(order))
+    return Condition.cat([route.cond for route in routed]).index(inverse)  # [b]
+
+
 @torch.no_grad()
 def teacher_velocity(
     teacher: FlowPolicy, route: Route, x: Tensor, t: Tensor, target: DistillTeacher
@@ -394,16 +404,16 @@ def distill(recipe: DistillRecipe, resume: bool = False) -> Iterator[dict[str, A
         all_records = prompts_src.draw(rng, B)
         records = all_records[lo:hi]
         sources = [record_source(rec, img_size) for rec in records]
-        with torch.no_grad():
-            cond = student.encode([rec.prompt for rec in records], sources).detach()
+        # each prompt is encoded once, per task (student and teacher); the rollout reuses the student's
+        routed_all = [routes(student, teachers, records[a:b], sources[a:b], recipe.teacher) for a, b in chunks]
         noise = torch.randn((B, *student.latent_shape), generator=gen)[lo:hi]  # [B_local, C, H, W]
         sde = r.sampler == "sde"  # the SDE noises of every step, drawn as one process draws them
         eps = step_noises(gen, global_chunks, list(range(N)), student.latent_shape, lo, hi) if sde else {}
         # 2. student rollouts, no grad ------------------------------------------------------------
         t_roll = time.perf_counter()
         states = [
-            rollout_states(view, cond.index(slice(a, b)), r, gen, noise[a:b], {n: e[a:b] for n, e in eps.items()})
-            for a, b in chunks
+            rollout_states(view, rows_condition(routed), r, gen, noise[a:b], {n: e[a:b] for n, e in eps.items()})
+            for (a, b), routed in zip(chunks, routed_all, strict=True)
         ]
         rollout_s = time.perf_counter() - t_roll
         steps = trained_steps(B, N, K, gen)[lo:hi]  # [B_local, K]
@@ -413,7 +423,6 @@ def distill(recipe: DistillRecipe, resume: bool = False) -> Iterator[dict[str, A
         per_row = torch.zeros(B_local)  # [B_local] mean over the row's trained steps of mse_b(n)
         finite = True
         teacher_s = 0.0
-        routed_all = [routes(student, teachers, records[a:b], sources[a:b], recipe.teacher) for a, b in chunks]
         last = (len(chunks) - 1, K - 1, len(routed_all[-1]) - 1)  # DDP all-reduces after this backward
         for c, ((a, b), st) in enumerate(zip(chunks, states, strict=True)):
             routed = routed_all[c]
