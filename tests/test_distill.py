@@ -10,9 +10,9 @@ from typer.testing import CliRunner
 
 from qirl.checkpoint import latest_checkpoint, load_checkpoint
 from qirl.config import load_recipe
+from qirl.data import PromptRecord
 from qirl.errors import UserError
 from qirl.models.registry import load_policy
-from qirl.data import PromptRecord
 from qirl.prompt_sets import builtin_prompts, record_source
 from qirl.rl.distill import (
     DistillRecipe,
