@@ -362,6 +362,22 @@ def test_missing_split_or_column_is_a_user_error(tmp_path: Path) -> None:
         load_annotations(tmp_path / "nowhere")
 
 
+def test_annotation_rounds_load_as_their_union(tmp_path: Path) -> None:
+    """`data.path=a,b`: the splits of several rounds concatenated (on-policy annotation rounds)."""
+    one = easy_annotations(tmp_path / "r1", n_prompts=2, test_fraction=0.5)
+    data = load_annotations(one)
+    union = load_annotations(f"{one}, {one}")
+    assert set(union) == set(data)
+    for split in data:
+        assert union[split].num_rows == 2 * data[split].num_rows
+    data["pointwise"] = data["pointwise"].remove_columns("alignment")
+    data.save_to_disk(str(tmp_path / "other"))
+    with pytest.raises(UserError, match="do not share one schema"):
+        load_annotations(f"{one},{tmp_path / 'other'}")
+    with pytest.raises(UserError, match="not found"):
+        load_annotations(f"{one},{tmp_path / 'nowhere'}")
+
+
 def test_trains_on_the_annotation_generators_output(tmp_path: Path) -> None:
     """The schema as `qirl.rewards.annotate` writes it (edits with source images, its reasons)."""
     from qirl.rewards import annotate
@@ -431,6 +447,17 @@ def test_pairwise_training_learns_and_normalises(toy_dir: Path, tmp_path: Path) 
     assert done["pairwise_accuracy"] > 0.8
     meta = json.loads((Path(done["model"]) / "vlm_reward.json").read_text())["config"]
     assert meta["head_std"] > 0 and meta["head_mean"] != 0.0  # calibrated on the training images
+
+    # train.init_from continues from the trained folder, head included (an on-policy round's start)
+    more = tiny_train(toy_dir, tmp_path / "more", "model.mode=pairwise", "train.steps=1", "train.lr=1e-9",
+                      f"train.init_from={done['model']}")
+    again = list(train_reward_model(more))[-1]
+    assert again["pairwise_accuracy"] == pytest.approx(done["pairwise_accuracy"], abs=0.02)
+    with pytest.raises(UserError, match="a pairwise reward model"):
+        next(train_reward_model(tiny_train(toy_dir, tmp_path / "x", f"train.init_from={done['model']}")))
+    with pytest.raises(UserError, match="set one"):
+        next(train_reward_model(tiny_train(toy_dir, tmp_path / "y", f"train.init_from={done['model']}",
+                                           f"model.path={done['model']}")))
 
 
 def test_cot_training_step_runs_and_resumes_exactly(toy_dir: Path, tmp_path: Path) -> None:

@@ -46,10 +46,34 @@ def quiet_progress() -> Iterator[None]:
 
 
 def load_annotations(path: str | Path) -> Any:
-    """The `DatasetDict` at `path`; a missing or unreadable folder is a `UserError`."""
+    """The `DatasetDict` at `path`; a comma-separated list of folders (annotation rounds, for example
+    the base model's pool and a GRPO run's) is their union, split by split. A missing or unreadable
+    folder is a `UserError`."""
+    from datasets import DatasetDict, concatenate_datasets
+
+    folders = [p.strip() for p in str(path).split(",") if p.strip()] if isinstance(path, str) else [path]
+    if not folders:
+        raise UserError("data.path: no annotation folder named")
+    rounds = [_load_one(Path(f)) for f in folders]
+    if len(rounds) == 1:
+        return rounds[0]
+    union = {}
+    for split in dict.fromkeys(name for r in rounds for name in r):  # first-seen order
+        parts = [r[split] for r in rounds if split in r]
+        columns = [set(part.column_names) for part in parts]
+        if differ := sorted(set.union(*columns) - set.intersection(*columns)):
+            raise UserError(f"{path}: the rounds' {split!r} splits do not share one schema "
+                            f"(column(s) {', '.join(differ)} only in some)")
+        try:
+            union[split] = concatenate_datasets(parts)
+        except ValueError as err:  # datasets: the rounds' columns or types differ
+            raise UserError(f"{path}: the rounds' {split!r} splits do not share one schema ({err})") from None
+    return DatasetDict(union)
+
+
+def _load_one(path: Path) -> Any:
     from datasets import DatasetDict, load_from_disk
 
-    path = Path(path)
     if not path.is_dir():
         raise UserError(
             f"{path}: annotation dataset folder not found (make one with qirl's annotate command)"

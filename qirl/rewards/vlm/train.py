@@ -74,6 +74,9 @@ class RewardTrain:
     freeze_vision: bool = False  # train the decoder (and head) only
     gradient_checkpointing: bool = False  # for large checkpoints
     calibration_images: int = 256  # pairwise: training images used for the reward's mean / std
+    # A trained reward folder (`qirl score train`'s <out_dir>/model) to continue from, e.g. on the union
+    # of annotation rounds (data.path=a,b); its mode must be the recipe's. Empty: start from model.path.
+    init_from: str = ""
 
 
 @dataclass
@@ -295,6 +298,22 @@ def _check(recipe: RewardTrainRecipe) -> None:
         raise UserError("train.steps, train.batch_size and train.lr must be positive")
     if recipe.run.log_every < 1 or recipe.run.checkpoint_every < 1:
         raise UserError("run.log_every and run.checkpoint_every must be positive")
+    if t.init_from and recipe.model.path:
+        raise UserError("train.init_from and model.path both name weights to start from; set one")
+
+
+def _initial_model(recipe: RewardTrainRecipe) -> VLMReward:
+    """The recipe's model, or the trained reward folder `train.init_from` (head included) with the
+    recipe's run-time settings."""
+    if not recipe.train.init_from:
+        return VLMReward(recipe.model)
+    m = recipe.model
+    rm = VLMReward.load(recipe.train.init_from, device=m.device, dtype=m.dtype, batch_size=m.batch_size,
+                        dimension=m.dimension, cot=m.cot, max_cot_tokens=m.max_cot_tokens, tasks=m.tasks)
+    if rm.config.mode != m.mode:
+        raise UserError(f"train.init_from={recipe.train.init_from}: a {rm.config.mode} reward model, "
+                        f"the recipe trains a {m.mode} one (model.mode)")
+    return rm
 
 
 def train_reward_model(recipe: RewardTrainRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
@@ -320,7 +339,7 @@ def train_reward_model(recipe: RewardTrainRecipe, resume: bool = False) -> Itera
             if len(ds) == 0:
                 raise UserError(f"{where}: split 'pairwise' has no valid rows")
 
-    rm = VLMReward(recipe.model)
+    rm = _initial_model(recipe)
     if recipe.train.freeze_vision:
         _freeze_vision(rm)
     if recipe.train.gradient_checkpointing:
