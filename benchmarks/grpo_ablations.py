@@ -12,6 +12,8 @@ own reward's scale).
     python benchmarks/grpo_ablations.py --extra ref=runs/grpo_t2i   # add a finished run as an arm
     python benchmarks/grpo_ablations.py --run --model /tmp/old/qirl/assets/base --out runs/abl_prev
                                                                # every arm from another starting model
+    python benchmarks/grpo_ablations.py --arms default,cfg_both --bench 2
+                                                               # + all of val-t2i, 2 seeds, 95% CIs
 
 A finished run of the default recipe with the same eval settings can stand in for the `default` arm
 (its evaluation at step `--iterations` is read).
@@ -93,6 +95,9 @@ def main() -> None:
     ap.add_argument("--extra", action="append", default=[], help="name=run_dir of a finished run to add")
     ap.add_argument("--model", default=None, help="the policy every arm starts from (default: the recipe's)")
     ap.add_argument("--out", type=Path, default=Path("runs/ablations"), help="folder of the arms' runs")
+    ap.add_argument("--bench", type=int, default=0, metavar="SEEDS",
+                    help="also judge the starting model and every finished arm's exported model on all of "
+                         "val-t2i with `qirl eval bench` (SEEDS images per prompt, 95%% intervals)")
     args = ap.parse_args()
     arms = [a for a in args.arms.split(",") if a]
     unknown = [a for a in arms if a not in ARMS]
@@ -117,6 +122,30 @@ def main() -> None:
         line = row_for(name, Path(run), args.iterations)
         if line:
             print(line)
+    if args.bench:
+        finished = {a: args.out / a / "model" for a in arms if (args.out / a / "model").is_dir()}
+        finished |= {n: Path(r) / "model" for n, _, r in (e.partition("=") for e in args.extra)}
+        bench_table(args.model or "base", finished, args.bench, args.out / "bench")
+
+
+def bench_table(start: str, models: dict[str, Path], seeds: int, out: Path) -> None:
+    """`qirl eval bench` of the starting model and each arm's export on val-t2i (sampled with the CLI's
+    20-step ODE, CFG 3), printed as overall [95% CI] and each pillar's change from the start."""
+    cmd = [sys.executable, "-m", "qirl.cli.main", "eval", "bench", "--task", "t2i", "--prompts", "val-t2i",
+           "--seeds", str(seeds), "--model", f"start={start}", "--out", str(out), "--quiet", "--json"]
+    for name, path in models.items():
+        cmd += ["--model", f"{name}={path}"]
+    print("\n$ qirl " + " ".join(cmd[3:]), flush=True)
+    results = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)["results"]
+    first = results["start"]["t2i"]
+    print("| model | val-t2i overall [95% CI] | change | " + " | ".join(f"{p} change" for p in PILLARS) + " |")
+    print("|" + " --- |" * (len(PILLARS) + 3))
+    for name, r in results.items():
+        t = r["t2i"]
+        lo, hi = t["overall_ci"]
+        change = [f"{t['pillars'][p] - first['pillars'][p]:+.1f}" for p in PILLARS]
+        print(f"| {name} | {t['overall']:.1f} [{lo:.1f}, {hi:.1f}] | {t['overall'] - first['overall']:+.1f} | "
+              + " | ".join(change) + " |")
 
 
 if __name__ == "__main__":
