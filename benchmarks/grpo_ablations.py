@@ -34,6 +34,9 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "default": ("recipes/t2i.yaml", []),
     "cfg_both": ("recipes/t2i.yaml", ["sampling.cfg_mode=both"]),
     "cfg_both_detached": ("recipes/t2i.yaml", ["sampling.cfg_mode=both", "sampling.detach_uncond=true"]),
+    # the detached objective's gradient is s * grad v_c (s = 3): the same step at lr / s
+    "cfg_both_detached_lr": ("recipes/t2i.yaml", ["sampling.cfg_mode=both", "sampling.detach_uncond=true",
+                                                  "train.lr=1e-5"]),
     "cfg_none": ("recipes/t2i.yaml", ["sampling.cfg_mode=none"]),
     "curated": ("recipes/t2i.yaml", ["data.prompts=recipes/data/t2i_curated.jsonl"]),
     "3r_calibrated": ("recipes/ablations/t2i_3r_calibrated.yaml", []),
@@ -49,7 +52,7 @@ def command(arm: str, iterations: int, out: Path, model: str | None) -> list[str
     chosen = [f"model={model}"] if model else []
     return [
         sys.executable, "-m", "qirl.cli.main", "--threads", "1", "grpo", recipe, *overrides, *chosen,
-        f"train.iterations={iterations}", "eval.every=20", "eval.n=32",
+        f"train.iterations={iterations}", "eval.every=20",
         f"run.out_dir={out / arm}", "--quiet", "--json",
     ]  # fmt: skip
 
