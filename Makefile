@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # Main job on the embedded default: GRPO post-training of the shipped base model on Shapes T2I prompts
-# (recipes/t2i.yaml, about 12 minutes on 2 CPU cores), with the validation oracle score before and after.
+# (recipes/t2i.yaml, about 9 minutes on 2 CPU cores), with the validation oracle score before and after.
 # Each `make demo` starts afresh in runs/demo (its own folder); `qirl grpo ... --resume` continues one.
 demo: $(STAMP)
 	rm -rf runs/demo
