@@ -161,7 +161,7 @@ def test_the_rollout_reuses_the_routed_student_conditions_in_row_order():
     sources = [record_source(r, policy.image_size) for r in mixed]
     routed = routes(policy, {"t2i": policy, "edit": policy}, mixed, sources, DistillTeacher())
     assert [route.task for route in routed] == ["t2i", "edit"]
-    cond = rows_condition(routed)
+    cond = rows_condition(policy, routed, mixed, sources)
     with torch.no_grad():
         whole = policy.encode([r.prompt for r in mixed], sources)  # [6], encoded together
     assert cond.is_edit.tolist() == [True, False] * 3

@@ -309,9 +309,16 @@ def routes(
     return out
 
 
-def rows_condition(routed: Sequence[Route]) -> Condition:
-    """The student's condition of a whole micro-batch, in row order, from its routes' conditions (so
-    the rollout does not encode the prompts a second time)."""
+def rows_condition(
+    student: FlowPolicy, routed: Sequence[Route], records: Sequence[PromptRecord], sources: Sequence[Tensor | None]
+) -> Condition:
+    """The student's condition of a whole micro-batch, in row order, from its routes' conditions, so the
+    rollout does not encode the prompts a second time. A family whose T2I and edit conditions carry
+    different extras (a diffusers edit pipeline's image ids) cannot be concatenated: its micro-batch is
+    encoded once more, as one batch."""
+    if len({frozenset(route.cond.extras) for route in routed}) > 1:
+        with torch.no_grad():
+            return student.encode([r.prompt for r in records], list(sources)).detach()
     order = torch.cat([route.rows for route in routed])  # [b], route-major row positions
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(len(order))
@@ -412,7 +419,14 @@ def distill(recipe: DistillRecipe, resume: bool = False) -> Iterator[dict[str, A
         # 2. student rollouts, no grad ------------------------------------------------------------
         t_roll = time.perf_counter()
         states = [
-            rollout_states(view, rows_condition(routed), r, gen, noise[a:b], {n: e[a:b] for n, e in eps.items()})
+            rollout_states(
+                view,
+                rows_condition(student, routed, records[a:b], sources[a:b]),
+                r,
+                gen,
+                noise[a:b],
+                {n: e[a:b] for n, e in eps.items()},
+            )
             for (a, b), routed in zip(chunks, routed_all, strict=True)
         ]
         rollout_s = time.perf_counter() - t_roll
