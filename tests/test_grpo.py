@@ -371,3 +371,19 @@ def test_wandb_asked_for_but_missing_is_a_user_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
     with pytest.raises(UserError, match=r"run.wandb=true needs Weights & Biases"):
         rows(recipe(tmp_path / "m", "train.iterations=1", "run.wandb=true"))
+
+
+def test_checkpoints_load_as_policies_for_annotation_rounds(tmp_path):
+    """`load_policy` reads a GRPO checkpoint (a run in progress, or one step of it), as `qirl score
+    annotate model=...` does for an on-policy round: the starting model with the trained EMA weights."""
+    out = tmp_path / "ck"
+    rows(recipe(out, "train.iterations=2", "run.checkpoint_every=1", "run.keep_checkpoints=2"))
+    exported = load_policy(str(out / "model")).state_dict()
+    last = load_policy(str(out / "checkpoints" / "step_00000002")).state_dict()
+    first = load_policy(str(out / "checkpoints" / "step_00000001")).state_dict()
+    assert all(torch.equal(last[k], exported[k]) for k in exported)
+    assert not all(torch.equal(first[k], last[k]) for k in last)
+    lora = tmp_path / "lora"
+    rows(recipe(lora, "train.iterations=1", "run.checkpoint_every=1", "train.lora_rank=2", "train.lr=1e-3"))
+    with pytest.raises(UserError, match="LoRA run's checkpoint"):
+        load_policy(str(lora / "checkpoints" / "step_00000001"))

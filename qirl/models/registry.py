@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -87,21 +88,45 @@ def resolve_model_path(spec: str) -> Path:
 
 
 def _from_run_checkpoint(run: Path) -> FlowPolicy:
-    """The EMA weights of a pretraining run's newest checkpoint (a run still in progress)."""
+    """The weights of a run's newest checkpoint, or of the checkpoint folder ``run`` itself: a pretraining
+    run's EMA, or a full-weight GRPO / distillation run's trained weights (their EMA when the run keeps
+    one, as its export does) over the model the run started from."""
     import yaml
     from tokenizers import Tokenizer
 
     from qirl.checkpoint import load_checkpoint
     from qirl.models.tiny_dit import TinyDiT, TinyDiTConfig
 
-    ckpt = load_checkpoint(latest_checkpoint(run))
+    ckpt = load_checkpoint(run if (run / "state.json").is_file() else latest_checkpoint(run))
+    recipe = yaml.safe_load(ckpt.state.get("recipe", "")) or {}
+    start = recipe.get("model") if isinstance(recipe.get("model"), str) else recipe.get("student")
+    if "tokenizer" not in ckpt.state and isinstance(start, str):
+        return _from_rl_checkpoint(ckpt, recipe, start)
     if "tokenizer" not in ckpt.state or "ema" not in ckpt.tensors:
-        raise UserError(f"{ckpt.path}: not a pretraining checkpoint (no tokenizer or EMA weights)")
-    recipe = yaml.safe_load(ckpt.state["recipe"])
+        raise UserError(f"{ckpt.path}: not a pretraining or RL checkpoint (no tokenizer, EMA or starting model)")
     config = TinyDiTConfig.from_dict(recipe["model"], str(ckpt.path))
     model = TinyDiT(config, Tokenizer.from_str(ckpt.state["tokenizer"]))
     model.load_state_dict(ckpt.tensors["ema"])
     return model
+
+
+def _from_rl_checkpoint(ckpt: Any, recipe: dict[str, Any], start: str) -> FlowPolicy:
+    """A GRPO or distillation checkpoint: the starting policy with the checkpoint's trained weights."""
+    if ckpt.state.get("format") == "sharded":
+        raise UserError(f"{ckpt.path}: a sharded (FSDP) checkpoint; resume the run to export its model instead")
+    if int((recipe.get("train") or {}).get("lora_rank", 0) or 0) > 0:
+        raise UserError(f"{ckpt.path}: a LoRA run's checkpoint; resume the run to export its merged model instead")
+    weights = ckpt.tensors.get("ema") or ckpt.tensors.get("model")
+    if not weights:
+        raise UserError(f"{ckpt.path}: checkpoint holds no model weights")
+    policy = load_policy(start)
+    own = policy.state_dict()
+    if unknown := sorted(set(weights) - set(own)):
+        raise UserError(f"{ckpt.path}: weights {unknown[:3]} are not in its starting model {start!r}")
+    with torch.no_grad():
+        for name, value in weights.items():
+            own[name].copy_(value)
+    return policy
 
 
 def load_policy(
@@ -112,8 +137,9 @@ def load_policy(
 ) -> FlowPolicy:
     """Load a policy for inference or training.
 
-    `spec`: `base`, a model folder, a finished run folder (its `model/`), or a run still in progress
-    (the EMA weights of its newest checkpoint). A diffusers pipeline folder (model_index.json) or a saved
+    `spec`: `base`, a model folder, a finished run folder (its `model/`), a run still in progress (its
+    newest checkpoint: a pretraining run's EMA, a full-weight GRPO or distillation run's trained weights)
+    or one checkpoint folder (`<run>/checkpoints/step_00000030`). A diffusers pipeline folder (model_index.json) or a saved
     `DiffusersPolicy` (qirl_policy.json) loads a `qirl.models.diffusers_policy.DiffusersPolicy` with the
     options' resolution, max_sequence_length, embedded_guidance and gradient_checkpointing.
     ``options`` (a recipe's ``policy:`` section) sets the device and dtype unless ``device``/``dtype`` are
@@ -127,7 +153,8 @@ def load_policy(
         dtype = dtype if dtype is not None else options.torch_dtype()
     device = device if device is not None else "cpu"
     path = Path(spec)
-    if spec != "base" and not is_model_folder(path / "model") and latest_checkpoint(path) is not None:
+    checkpoint = (path / "state.json").is_file() and path.parent.name == "checkpoints"
+    if checkpoint or (spec != "base" and not is_model_folder(path / "model") and latest_checkpoint(path) is not None):
         policy = _from_run_checkpoint(path)
     else:
         folder = resolve_model_path(spec)
