@@ -149,6 +149,20 @@ def test_deterministic_given_seed(model_run, tmp_path):
     assert other["pointwise"]["prompt"] != first["pointwise"]["prompt"]
 
 
+def test_a_pool_from_several_models_splits_the_slots(model_run, tmp_path):
+    """`model=a,b`: slot k of a prompt from model k mod 2, each with the noise and sampler settings the
+    slot has in a one-model pool, so base,base is the base pool exactly."""
+    out, first = model_run
+    twice = _run(tmp_path / "twice", **{**MODEL, "model": "base, base"})
+    for name in SPLITS:
+        assert first[name].with_format("arrow")[:].equals(twice[name].with_format("arrow")[:]), name
+    stats = json.loads((tmp_path / "twice" / "annotations.json").read_text())["pool"]
+    assert stats["models"] == {"model 0": "base", "model 1": "base"}
+    assert {o.split(" g=")[0] for o in stats["by_origin"] if o.startswith("model")} == {"model 0", "model 1"}
+    with pytest.raises(UserError, match="no policy named"):
+        next(annotate(AnnotateConfig(out_dir=str(tmp_path / "none"), model=" , ")))
+
+
 # ------------------------------------------------------------------------------------------ labels
 
 

@@ -118,7 +118,10 @@ LIKERT_DIMS: tuple[str, ...] = ("quality", "fidelity", "alignment")
 class AnnotateConfig:
     """What `annotate` builds; every field can be set from a recipe or `key=value` overrides."""
 
-    model: str = "base"  # the policy whose samples fill the pool (see models.registry.load_policy)
+    # The policy whose samples fill the pool (models.registry.load_policy: base, a model, a run or one of
+    # its checkpoints); comma-separated for several (e.g. "base,runs/grpo_t2i": an on-policy round whose
+    # same-prompt pairs compare the policy with the base): pool slot k of a prompt comes from model k mod M.
+    model: str = "base"
     out_dir: str = "data/annotations"
     n_prompts: int = 200  # T2I prompts and edit instructions together, train and test
     samples_per_prompt: int = 12  # pool images per prompt: model samples + perturbed renders
@@ -255,17 +258,29 @@ def draw_prompts(config: AnnotateConfig) -> tuple[list[dict[str, Any]], list[boo
 
 
 def _sample_pool(
-    config: AnnotateConfig, policy: Any, records: list[dict[str, Any]], sources: list[np.ndarray | None]
+    config: AnnotateConfig, policies: list[Any], records: list[dict[str, Any]], sources: list[np.ndarray | None]
 ) -> Iterator[list[_PoolImage]]:
-    """The model's samples, one list per batch: sample k of prompt i uses the (guidance, steps) pair
-    number (i * n_model + k) mod |grid| and the initial noise `image_noise(seed, i * pool + k)`, so the
-    pool does not depend on the batch size."""
+    """The models' samples, one list per batch: sample k of prompt i comes from model k mod M, uses the
+    (guidance, steps) pair number (i * n_model + k) mod |grid| and the initial noise
+    `image_noise(seed, i * pool + k)`, so the pool does not depend on the batch size."""
+    n_model = config.n_model_samples
+    grid = list(product(config.guidance, config.steps))
+    jobs = [(i, k, (i * n_model + k) % len(grid)) for i in range(len(records)) for k in range(n_model)]
+    for m, policy in enumerate(policies):
+        label = "model" if len(policies) == 1 else f"model {m}"
+        mine = [(i, k, c) for i, k, c in jobs if k % len(policies) == m]
+        yield from _sample_one_model(config, policy, label, mine, records, sources)
+
+
+def _sample_one_model(
+    config: AnnotateConfig, policy: Any, label: str, jobs: list[tuple[int, int, int]],
+    records: list[dict[str, Any]], sources: list[np.ndarray | None],
+) -> Iterator[list[_PoolImage]]:
     from qirl.prompt_sets import image_noise
     from qirl.sampling import sample_ode
 
-    n_model, pool = config.n_model_samples, config.samples_per_prompt
+    pool = config.samples_per_prompt
     grid = list(product(config.guidance, config.steps))
-    jobs = [(i, k, (i * n_model + k) % len(grid)) for i in range(len(records)) for k in range(n_model)]
     shape = tuple(policy.latent_shape)
     for c, (g, steps) in enumerate(grid):
         mine = [(i, k) for i, k, cc in jobs if cc == c]
@@ -280,7 +295,7 @@ def _sample_pool(
                                      shift=config.shift, noise=noise)  # [b, C, H, W]
                 images = policy.decode(latents).float().clamp(0, 1)  # [b, 3, H, W]
             pixels = images.permute(0, 2, 3, 1).cpu().numpy()  # [b, H, W, 3]
-            yield [_PoolImage(i, k, f"model g={g:g} steps={steps}", _quantise(px))
+            yield [_PoolImage(i, k, f"{label} g={g:g} steps={steps}", _quantise(px))
                    for (i, k), px in zip(chunk, pixels, strict=True)]
 
 
@@ -328,8 +343,14 @@ def annotate(config: AnnotateConfig) -> Iterator[dict[str, Any]]:
     out = Path(config.out_dir)
     if out.exists() and not (out / "annotations.json").is_file():
         raise UserError(f"{out}: exists and is not an annotation folder; choose another out_dir")
-    policy = load_policy(config.model)
-    size = int(policy.latent_shape[-1])
+    specs = [m.strip() for m in config.model.split(",") if m.strip()]
+    if not specs:
+        raise UserError("model: no policy named")
+    policies = [load_policy(m) for m in specs]
+    sizes = {int(p.latent_shape[-1]) for p in policies}
+    if len(sizes) > 1:
+        raise UserError(f"model: the policies {', '.join(specs)} draw different image sizes ({sorted(sizes)})")
+    size = sizes.pop()
     records, test = draw_prompts(config)
     n, pool = len(records), config.samples_per_prompt
     total = 2 * n * pool
@@ -340,7 +361,7 @@ def annotate(config: AnnotateConfig) -> Iterator[dict[str, Any]]:
     try:
         images: list[_PoolImage] = []
         if config.n_model_samples > 0:
-            for batch in _sample_pool(config, policy, records, sources):
+            for batch in _sample_pool(config, policies, records, sources):
                 images += batch
                 yield {"phase": "sample", "step": len(images), "total": total}
         images += _render_pool(config, records, size)
@@ -373,6 +394,7 @@ def annotate(config: AnnotateConfig) -> Iterator[dict[str, Any]]:
             by_origin.setdefault(im.origin, []).append(t)
         stats["pool"] = {
             "images": len(images), "image_size": size, "model": config.model,
+            "models": {f"model {m}": spec for m, spec in enumerate(specs)} if len(specs) > 1 else {},
             "by_origin": {o: {"n": len(ts), "oracle": _r(np.mean([t.overall for t in ts])),
                               "valid": _r(np.mean([t.valid for t in ts]))}
                           for o, ts in sorted(by_origin.items())},
