@@ -10,8 +10,10 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
+import torch
 
 from qirl.errors import UserError
+from qirl.models.registry import load_policy
 from qirl.rewards.annotate import (
     PAIRWISE_FEATURES,
     POINTWISE_FEATURES,
@@ -159,6 +161,16 @@ def test_a_pool_from_several_models_splits_the_slots(model_run, tmp_path):
     stats = json.loads((tmp_path / "twice" / "annotations.json").read_text())["pool"]
     assert stats["models"] == {"model 0": "base", "model 1": "base"}
     assert {o.split(" g=")[0] for o in stats["by_origin"] if o.startswith("model")} == {"model 0", "model 1"}
+    # a second model that differs: its slots change, so the pool is no longer the base pool
+    other = load_policy("base")
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    other.save_pretrained(tmp_path / "other_model")
+    mixed = _run(tmp_path / "mixed", **{**MODEL, "model": f"base,{tmp_path / 'other_model'}"})
+    base_images = {row["bytes"] for row in _raw(first["pointwise"], "image")["image"]}
+    mixed_images = {row["bytes"] for row in _raw(mixed["pointwise"], "image")["image"]}
+    assert mixed_images != base_images  # model 1's slots are its own samples
     with pytest.raises(UserError, match="no policy named"):
         next(annotate(AnnotateConfig(out_dir=str(tmp_path / "none"), model=" , ")))
 
