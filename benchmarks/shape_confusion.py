@@ -12,7 +12,8 @@ how much its colour word does: for each (t, noise) the same x_t (gray background
 under "a large red {shape} on a gray background" for the four shapes, and under "a large {colour}
 circle ..." for four colours; the figure is the mean absolute deviation of ``x0_hat = x_t - t v``
 (conditional, no CFG) from its mean over the four prompts, in latent units ([-1, 1] pixels), averaged
-over 8 noises. A model that ignores a word scores near 0 for it.
+over 8 noises. A model that ignores a word scores near 0 for it. "text" is the same deviation of the
+text encoder's token states (what the DiT attends to), before any denoising.
 
     python benchmarks/shape_confusion.py --model base
     python benchmarks/shape_confusion.py --model base --sensitivity
@@ -28,6 +29,7 @@ import json
 import numpy as np
 import torch
 
+from qirl.models.policy import FlowPolicy
 from qirl.models.registry import load_policy
 from qirl.prompt_sets import builtin_prompts, image_noise
 from qirl.sampling import sample_ode
@@ -36,8 +38,7 @@ from qirl.shapes.detect import detect
 from qirl.shapes.scene import SHAPES
 
 
-def confusion(model: str, seeds: int, steps: int, guidance: float, shift: float) -> dict:
-    policy = load_policy(model)
+def confusion(policy: FlowPolicy, model: str, seeds: int, steps: int, guidance: float, shift: float) -> dict:
     records = [r for r in builtin_prompts("val-t2i") + builtin_prompts("heldout-t2i") if r.category == "single"]
     wanted = [parse_caption(r.prompt).objects[0].shape for r in records]
     table: dict[str, collections.Counter] = {s: collections.Counter() for s in SHAPES}
@@ -64,9 +65,9 @@ def confusion(model: str, seeds: int, steps: int, guidance: float, shift: float)
     }
 
 
-def word_sensitivity(model: str, noises: int = 8) -> dict[str, dict[str, float]]:
-    """Mean |x0_hat - its mean over prompts| when only the shape (or only the colour) word changes."""
-    policy = load_policy(model)
+def word_sensitivity(policy: FlowPolicy, noises: int = 8) -> dict[str, dict[str, float]]:
+    """Mean |x0_hat - its mean over prompts| (and likewise of the text states) when only the shape (or
+    only the colour) word changes."""
     words = {
         "shape": [f"a large red {s} on a gray background" for s in SHAPES],
         "colour": [f"a large {c} circle on a gray background" for c in ("red", "blue", "green", "yellow")],
@@ -76,9 +77,10 @@ def word_sensitivity(model: str, noises: int = 8) -> dict[str, dict[str, float]]
     out: dict[str, dict[str, float]] = {}
     with torch.no_grad():
         for kind, prompts in words.items():
-            cond = policy.encode(prompts * noises, [None] * (len(prompts) * noises))
+            cond = policy.encode(prompts * noises, [None] * (len(prompts) * noises))  # rows: noise-major
+            text = cond.text[: len(prompts)]  # [4, L, Dt] the four prompts (one-token swaps: same L)
+            out[kind] = {"text": round(float((text - text.mean(0, keepdim=True)).abs().mean()), 4)}
             x = eps.repeat_interleave(len(prompts), 0)  # [K*4, C, H, W] each noise under the 4 prompts
-            out[kind] = {}
             for t in (0.5, 0.7, 0.9):
                 x_t = t * x  # (1 - t) * gray background (latent 0) + t * eps
                 x0 = x_t - t * policy.velocity(x_t, torch.full((len(x),), t), cond)  # [K*4, C, H, W]
@@ -97,10 +99,12 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     ap.add_argument("--sensitivity", action="store_true", help="also how much the shape / colour word moves x0_hat")
     args = ap.parse_args()
-    results = [confusion(m, args.seeds, args.steps, args.guidance, args.shift) for m in args.model]
-    if args.sensitivity:
-        for r in results:
-            r["word_sensitivity"] = word_sensitivity(r["model"])
+    results = []
+    for model in args.model:
+        policy = load_policy(model)
+        results.append(confusion(policy, model, args.seeds, args.steps, args.guidance, args.shift))
+        if args.sensitivity:
+            results[-1]["word_sensitivity"] = word_sensitivity(policy)
     if args.json:
         print(json.dumps(results, indent=1))
         return
@@ -112,7 +116,7 @@ def main() -> None:
         for s, row in r["table"].items():
             print(f"| {s} | " + " | ".join(str(row.get(c, 0)) for c in columns) + f" | {r['mean_iou'].get(s, 'n/a')} |")
         for kind, by_t in r.get("word_sensitivity", {}).items():
-            print(f"x0_hat moved by the {kind} word: " + ", ".join(f"{t} {v}" for t, v in by_t.items()))
+            print(f"moved by the {kind} word (text states; x0_hat at t): " + ", ".join(f"{t} {v}" for t, v in by_t.items()))
 
 
 if __name__ == "__main__":

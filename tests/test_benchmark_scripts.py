@@ -16,3 +16,38 @@ def test_qwen_image_grpo_benchmark_smoke_run() -> None:
     assert result["lora_rank"] == 4 and result["batch"] == 4
     assert result["step_s"] > 0 and result["images_per_s"] > 0
     assert result["model_flops_per_step"] > 0 and result["mfu"] is None  # counted FLOPs; no peak on a CPU
+
+
+def test_word_sensitivity_is_zero_for_a_word_the_model_ignores() -> None:
+    """`shape_confusion.py --sensitivity`: the base model's x0_hat and text states move with both words;
+    the same model with its text zeroed out (so no word reaches the DiT) moves by exactly 0."""
+    import dataclasses
+
+    import torch
+
+    from qirl.models.registry import load_policy
+
+    spec = importlib.util.spec_from_file_location("shape_confusion", BENCH.parent / "shape_confusion.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    policy = load_policy("base")
+    seen = module.word_sensitivity(policy, noises=2)
+    assert all(v > 0 for by_t in seen.values() for v in by_t.values()), seen
+
+    class Deaf(torch.nn.Module):
+        """The base model, but every prompt reaches it as zeros."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = policy
+            self.latent_shape = policy.latent_shape
+
+        def encode(self, prompts, sources):  # noqa: ANN001, ANN202
+            cond = policy.encode(prompts, sources)
+            return dataclasses.replace(cond, text=torch.zeros_like(cond.text), pooled=torch.zeros_like(cond.pooled))
+
+        def velocity(self, x, t, cond):  # noqa: ANN001, ANN202
+            return policy.velocity(x, t, cond)
+
+    deaf = module.word_sensitivity(Deaf(), noises=2)
+    assert all(v == 0 for by_t in deaf.values() for v in by_t.values()), deaf
