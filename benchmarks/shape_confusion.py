@@ -15,8 +15,13 @@ circle ..." for four colours; the figure is the mean absolute deviation of ``x0_
 over 8 noises. A model that ignores a word scores near 0 for it. "text" is the same deviation of the
 text encoder's token states (what the DiT attends to), before any denoising.
 
+`--loss-gap` adds the flow-matching loss on 64 single-object training renders under their own caption
+and how much it rises when one word of the caption names the wrong shape (or colour), per t: what the
+word is worth to the model where the noisy image alone cannot tell the shape.
+
     python benchmarks/shape_confusion.py --model base
     python benchmarks/shape_confusion.py --model base --sensitivity
+    python benchmarks/shape_confusion.py --model base --loss-gap
     python benchmarks/shape_confusion.py --model base --model runs/pretrain2 --shift 3.0
 """
 
@@ -25,6 +30,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -33,9 +39,10 @@ from qirl.models.policy import FlowPolicy
 from qirl.models.registry import load_policy
 from qirl.prompt_sets import builtin_prompts, image_noise
 from qirl.sampling import sample_ode
+from qirl.shapes import random_t2i_record, render_batch
 from qirl.shapes.caption_parse import parse_caption
 from qirl.shapes.detect import detect
-from qirl.shapes.scene import SHAPES
+from qirl.shapes.scene import COLORS, SHAPES, Scene, ShapeObject
 
 
 def confusion(policy: FlowPolicy, model: str, seeds: int, steps: int, guidance: float, shift: float) -> dict:
@@ -89,6 +96,51 @@ def word_sensitivity(policy: FlowPolicy, noises: int = 8) -> dict[str, dict[str,
     return out
 
 
+def loss_gap(policy: FlowPolicy, n: int = 64, noises: int = 4) -> dict[str, dict[str, float]]:
+    """The flow-matching loss on renders of ``n`` single-object training scenes under their own caption,
+    and how much it rises when the caption names the wrong shape (or the wrong colour), per t.
+
+    Captions are "a {size} {colour} {shape} on a {background} background"; the wrong one swaps a single
+    word for the next shape (colour) in the vocabulary's order, so both captions have the same length.
+    The rise is what the word is worth to the model's velocity at that noise level: 0 for a word the
+    model ignores, large where the image alone cannot tell (high t) if the model listens to it.
+    """
+    rng = np.random.default_rng(5)
+    scenes = [Scene.from_dict(random_t2i_record(rng, "train", "single")["scene"]) for _ in range(n)]
+
+    def caption(o: ShapeObject, background: str, shape: str, colour: str) -> str:
+        return f"a {o.size} {colour} {shape} on a {background} background"
+
+    def after(options: Sequence[str], value: str) -> str:
+        return options[(list(options).index(value) + 1) % len(options)]
+
+    objects = [(s.objects[0], s.background) for s in scenes]
+    prompts = {
+        "true": [caption(o, bg, o.shape, o.color) for o, bg in objects],
+        "shape": [caption(o, bg, after(SHAPES, o.shape), o.color) for o, bg in objects],
+        "colour": [caption(o, bg, o.shape, after(list(COLORS), o.color)) for o, bg in objects],
+    }
+    x0 = policy.encode_images(render_batch(scenes))  # [n, C, H, W]
+    gen = torch.Generator().manual_seed(1)
+    eps = torch.randn(noises, *x0.shape, generator=gen)  # [K, n, C, H, W]
+    out: dict[str, dict[str, float]] = {}
+    with torch.no_grad():
+        conds = {k: policy.encode(v, [None] * n) for k, v in prompts.items()}
+        for t in (0.2, 0.4, 0.6, 0.8, 0.95):
+            loss = dict.fromkeys(conds, 0.0)
+            for noise in eps:
+                x_t = (1 - t) * x0 + t * noise  # [n, C, H, W]
+                for kind, cond in conds.items():
+                    v = policy.velocity(x_t, torch.full((n,), t), cond)  # [n, C, H, W]
+                    loss[kind] += float((v - (noise - x0)).square().mean()) / noises
+            out[f"t={t}"] = {
+                "loss": round(loss["true"], 5),
+                "wrong shape": round(loss["shape"] - loss["true"], 5),
+                "wrong colour": round(loss["colour"] - loss["true"], 5),
+            }
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", action="append", required=True, help="a model, run or 'base' (repeatable)")
@@ -98,6 +150,7 @@ def main() -> None:
     ap.add_argument("--shift", type=float, default=1.0)
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     ap.add_argument("--sensitivity", action="store_true", help="also how much the shape / colour word moves x0_hat")
+    ap.add_argument("--loss-gap", action="store_true", help="also how much a wrong shape / colour word raises the loss")
     args = ap.parse_args()
     results = []
     for model in args.model:
@@ -105,6 +158,8 @@ def main() -> None:
         results.append(confusion(policy, model, args.seeds, args.steps, args.guidance, args.shift))
         if args.sensitivity:
             results[-1]["word_sensitivity"] = word_sensitivity(policy)
+        if args.loss_gap:
+            results[-1]["loss_gap"] = loss_gap(policy)
     if args.json:
         print(json.dumps(results, indent=1))
         return
@@ -117,6 +172,8 @@ def main() -> None:
             print(f"| {s} | " + " | ".join(str(row.get(c, 0)) for c in columns) + f" | {r['mean_iou'].get(s, 'n/a')} |")
         for kind, by_t in r.get("word_sensitivity", {}).items():
             print(f"moved by the {kind} word (text states; x0_hat at t): " + ", ".join(f"{t} {v}" for t, v in by_t.items()))
+        for t, row in r.get("loss_gap", {}).items():
+            print(f"loss at {t}: {row['loss']}; wrong shape word +{row['wrong shape']}, wrong colour word +{row['wrong colour']}")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -34,8 +34,9 @@ from qirl.models.tiny_dit import TinyDiT, TinyDiTConfig
 from qirl.runlog import append_metrics, checkpoint_to_resume, start_metrics
 from qirl.sampling import flow_matching_loss, sample_train_t
 from qirl.schedules import ema_decay_at, lr_at
-from qirl.shapes import random_edit_record, random_t2i_record, render_batch
+from qirl.shapes import CATEGORIES, SHAPES, random_edit_record, random_t2i_record, render_batch
 from qirl.shapes.corpus import grammar_corpus
+from qirl.shapes.render import render_shape_labels
 from qirl.shapes.scene import Scene
 
 
@@ -47,6 +48,9 @@ class PretrainData:
     task_mix: str = "row"
     caption_dropout: float = 0.1  # CFG training: probability of the empty prompt
     vocab_samples: int = 20000  # records sampled to collect the tokenizer's vocabulary
+    # T2I caption categories to draw from, uniformly (repeat a name to weight it, e.g. [single, single,
+    # multi, spatial, attribute]); empty = the grammar's own mix of single, multi, spatial and attribute
+    t2i_categories: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -64,6 +68,10 @@ class PretrainTrain:
     # A model folder ("base" = the shipped one) to start from instead of random weights: a second stage
     # with its own schedule (and its own run.seed, so it sees new data). Its config must be `model:`'s.
     init_from: str = ""
+    # Auxiliary shape segmentation (see `ShapeSegmentationHead`): weight of its cross-entropy in the loss
+    # (0 = off) and the number of DiT blocks whose output image tokens it reads.
+    shape_aux_weight: float = 0.0
+    shape_aux_layer: int = 3
 
 
 @dataclass
@@ -87,9 +95,14 @@ class PretrainRecipe:
 _EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def draw_batch(
-    rng: np.random.Generator, batch_size: int, data: PretrainData, image_size: int
-) -> tuple[list[str], list[torch.Tensor | None], torch.Tensor]:
+class PretrainBatch(NamedTuple):
+    prompts: list[str]
+    sources: list[torch.Tensor | None]  # per row: the source image [3, H, W] of an edit, None for T2I
+    targets: torch.Tensor  # [B, 3, H, W] in [0, 1]
+    target_scenes: list[Scene]  # what `targets` renders (for the auxiliary shape labels)
+
+
+def draw_batch(rng: np.random.Generator, batch_size: int, data: PretrainData, image_size: int) -> PretrainBatch:
     """Prompts, per-item sources (None for T2I) and target images `[B, 3, H, W]` for one step."""
     prompts: list[str] = []
     source_scenes: list[Scene | None] = []
@@ -101,7 +114,8 @@ def draw_batch(
             source_scenes.append(Scene.from_dict(rec["source_scene"]))
             target_scenes.append(Scene.from_dict(rec["target_scene"]))
         else:
-            rec = random_t2i_record(rng, split="train")
+            category = data.t2i_categories[rng.integers(len(data.t2i_categories))] if data.t2i_categories else None
+            rec = random_t2i_record(rng, split="train", category=category)
             source_scenes.append(None)
             target_scenes.append(Scene.from_dict(rec["scene"]))
         prompt = rec["prompt"] if rng.random() >= data.caption_dropout else ""
@@ -113,7 +127,36 @@ def draw_batch(
         rendered = render_batch([source_scenes[i] for i in edit_idx], image_size)  # [E, 3, H, W]
         for j, i in enumerate(edit_idx):
             sources[i] = rendered[j]
-    return prompts, sources, targets
+    return PretrainBatch(prompts, sources, targets, target_scenes)
+
+
+class ShapeSegmentationHead(torch.nn.Module):
+    """An auxiliary head, used in pretraining only, that reads the image tokens after block `layer` and
+    predicts each target pixel's shape class (background or one of SHAPES) from the noisy input.
+
+    Why: the flow loss alone lets the tiny DiT draw the right colour at the right place as a blob that is
+    the same for every shape word (MODEL_CARD, shape-word sensitivity): a wrong corner costs a few pixels
+    of MSE. Supervising an intermediate representation with a dense, shape-discriminative target is the
+    idea of REPA (Yu et al. 2025, "Representation Alignment for Generation", eq. 8: the flow loss plus
+    lambda times a per-patch alignment loss on the hidden states of an early block, the projection head
+    discarded after training); here the renderer gives the exact per-pixel shape map, so the target is
+    a segmentation cross-entropy instead of a pretrained encoder's features. The head is not part of the
+    exported model, so sampling and RL cost nothing extra.
+
+    Tokens [B, N, D] -> logits [B, 1 + len(SHAPES), H, W].
+    """
+
+    def __init__(self, dim: int, patch_size: int, grid: int) -> None:
+        super().__init__()
+        self.patch_size, self.grid, self.classes = patch_size, grid, 1 + len(SHAPES)
+        self.norm = torch.nn.LayerNorm(dim)
+        self.proj = torch.nn.Linear(dim, patch_size * patch_size * self.classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        b, p, g, k = tokens.shape[0], self.patch_size, self.grid, self.classes
+        logits = self.proj(self.norm(tokens))  # [B, N, p*p*K]
+        logits = logits.reshape(b, g, g, p, p, k).permute(0, 5, 1, 3, 2, 4)  # [B, K, g, p, g, p]
+        return logits.reshape(b, k, g * p, g * p)  # [B, K, H, W]
 
 
 def sample_timesteps(train: PretrainTrain, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -156,6 +199,24 @@ def pretrain(recipe: PretrainRecipe, resume: bool = False) -> Iterator[dict[str,
     if recipe.train.timestep_sampling not in ("logit_normal", "uniform"):
         raise UserError(f"train.timestep_sampling must be logit_normal or uniform, got {recipe.train.timestep_sampling!r}")
     TinyDiTConfig.from_dict(asdict(recipe.model), "recipe model")  # validates: UserError naming the key
+    unknown = sorted(set(recipe.data.t2i_categories) - set(CATEGORIES[:4]))
+    if unknown:
+        raise UserError(
+            f"data.t2i_categories: unknown or non-training categories {', '.join(unknown)}; "
+            f"expected some of {', '.join(CATEGORIES[:4])}"
+        )
+    aux_weight = recipe.train.shape_aux_weight
+    if aux_weight < 0:
+        raise UserError(f"train.shape_aux_weight must be >= 0, got {aux_weight}")
+    if aux_weight and not 1 <= recipe.train.shape_aux_layer <= recipe.model.depth:
+        raise UserError(
+            f"train.shape_aux_layer must be between 1 and model.depth ({recipe.model.depth}), "
+            f"got {recipe.train.shape_aux_layer}"
+        )
+    if aux_weight and recipe.model.edit_conditioning == "sequence" and recipe.data.task_mix != "step":
+        # a mixed batch runs the DiT twice (T2I rows without source tokens), so one hooked block output
+        # would not cover the whole batch
+        raise UserError("train.shape_aux_weight needs data.task_mix: step with sequence edit conditioning")
     if recipe.run.export_dtype not in _EXPORT_DTYPES:
         raise UserError(f"run.export_dtype must be one of {', '.join(_EXPORT_DTYPES)}, got {recipe.run.export_dtype!r}")
 
@@ -177,15 +238,23 @@ def pretrain(recipe: PretrainRecipe, resume: bool = False) -> Iterator[dict[str,
     if init is not None:
         model.load_state_dict(init.state_dict())
     model.train()
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=recipe.train.lr, weight_decay=recipe.train.weight_decay, betas=(0.9, 0.99)
-    )
+    aux_head = None
+    if aux_weight:
+        aux_head = ShapeSegmentationHead(recipe.model.dim, recipe.model.patch_size, model.grid)
+        hidden: list[torch.Tensor] = []
+        model.blocks[recipe.train.shape_aux_layer - 1].register_forward_hook(lambda m, i, o: hidden.append(o))
+    params = list(model.parameters()) + (list(aux_head.parameters()) if aux_head is not None else [])
+    opt = torch.optim.AdamW(params, lr=recipe.train.lr, weight_decay=recipe.train.weight_decay, betas=(0.9, 0.99))
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     data_rng = np.random.default_rng(recipe.run.seed)
     gen = torch.Generator().manual_seed(recipe.run.seed)
     step = 0
     if existing is not None:
         model.load_state_dict(ckpt.tensors["model"])
+        if aux_head is not None:
+            if "shape_aux_head" not in ckpt.tensors:
+                raise UserError(f"{existing}: was written without train.shape_aux_weight; resume with the same recipe")
+            aux_head.load_state_dict(ckpt.tensors["shape_aux_head"])
         ema = {k: v.clone() for k, v in ckpt.tensors["ema"].items()}
         opt.load_state_dict(ckpt.nested("optimizer"))
         data_rng.bit_generator.state = ckpt.state["data_rng"]
@@ -194,10 +263,13 @@ def pretrain(recipe: PretrainRecipe, resume: bool = False) -> Iterator[dict[str,
     metrics_file = start_metrics(out, recipe, step if existing is not None else None)
 
     def checkpoint() -> Path:
+        tensors = {"model": model.state_dict(), "ema": ema, "rng": {"torch": gen.get_state()}}
+        if aux_head is not None:
+            tensors["shape_aux_head"] = aux_head.state_dict()
         return save_checkpoint(
             out,
             step,
-            {"model": model.state_dict(), "ema": ema, "rng": {"torch": gen.get_state()}},
+            tensors,
             {"data_rng": data_rng.bit_generator.state, "tokenizer": tokenizer.to_str(), "recipe": dump_recipe(recipe)},
             nested={"optimizer": opt.state_dict()},
             keep=recipe.run.keep_checkpoints,
@@ -208,22 +280,33 @@ def pretrain(recipe: PretrainRecipe, resume: bool = False) -> Iterator[dict[str,
     t_start = time.perf_counter()
     start_step = step
     window: list[float] = []
+    aux_window: list[float] = []
     while step < train.steps:
         t0 = time.perf_counter()
-        prompts, sources, targets = draw_batch(data_rng, train.batch_size, recipe.data, recipe.model.image_size)
+        batch = draw_batch(data_rng, train.batch_size, recipe.data, recipe.model.image_size)
         t = sample_timesteps(train, train.batch_size, gen)  # [B]
-        noise = torch.randn(targets.shape, generator=gen)  # [B, 3, H, W]
+        noise = torch.randn(batch.targets.shape, generator=gen)  # [B, 3, H, W]
         for group in opt.param_groups:
             group["lr"] = lr_at(step, train.lr, train.warmup_steps, train.steps)
-        cond = model.encode(prompts, sources)  # the text encoder trains too
-        loss = flow_matching_loss(model, model.encode_images(targets), cond, t=t, noise=noise)
+        cond = model.encode(batch.prompts, batch.sources)  # the text encoder trains too
+        flow_loss = flow_matching_loss(model, model.encode_images(batch.targets), cond, t=t, noise=noise)
+        loss = flow_loss
+        if aux_head is not None:
+            (tokens,) = hidden  # [B, Lt + N (+ N), D]: the hooked block ran once, on the whole batch
+            hidden.clear()
+            n_txt, n_img = cond.text.shape[1], model.grid * model.grid
+            logits = aux_head(tokens[:, n_txt : n_txt + n_img])  # [B, K, H, W]
+            labels = render_shape_labels(batch.target_scenes, recipe.model.image_size)  # [B, H, W]
+            aux_loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+            loss = flow_loss + aux_weight * aux_loss
+            aux_window.append(float(aux_loss.detach()))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, train.grad_clip))
         opt.step()
         ema_update(ema, model, ema_decay_at(step, train.ema_decay))
         step += 1
-        window.append(float(loss.detach()))
+        window.append(float(flow_loss.detach()))
         # Checkpoint before reporting, so a consumer that stops (or is killed) after seeing step N
         # finds step N on disk.
         if step % recipe.run.checkpoint_every == 0 or step == train.steps:
@@ -237,7 +320,10 @@ def pretrain(recipe: PretrainRecipe, resume: bool = False) -> Iterator[dict[str,
                 "grad_norm": grad_norm,
                 "step_s": time.perf_counter() - t0,
             }
+            if aux_window:
+                row["shape_aux_loss"] = sum(aux_window) / len(aux_window)
             window.clear()
+            aux_window.clear()
             append_metrics(metrics_file, row)
             yield row
 

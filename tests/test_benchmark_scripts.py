@@ -41,6 +41,7 @@ def test_word_sensitivity_is_zero_for_a_word_the_model_ignores() -> None:
             super().__init__()
             self.inner = policy
             self.latent_shape = policy.latent_shape
+            self.encode_images = policy.encode_images
 
         def encode(self, prompts, sources):  # noqa: ANN001, ANN202
             cond = policy.encode(prompts, sources)
@@ -51,3 +52,8 @@ def test_word_sensitivity_is_zero_for_a_word_the_model_ignores() -> None:
 
     deaf = module.word_sensitivity(Deaf(), noises=2)
     assert all(v == 0 for by_t in deaf.values() for v in by_t.values()), deaf
+    # --loss-gap: a wrong colour word costs the base model loss at every t; a deaf model pays nothing.
+    gap = module.loss_gap(policy, n=8, noises=1)
+    assert all(row["wrong colour"] > 0 and row["loss"] > 0 for row in gap.values()), gap
+    deaf_gap = module.loss_gap(Deaf(), n=8, noises=1)
+    assert all(row["wrong shape"] == 0 == row["wrong colour"] for row in deaf_gap.values()), deaf_gap

@@ -134,7 +134,8 @@ def test_task_mix_step_draws_one_task_per_batch():
     data = PretrainData(edit_fraction=0.5, task_mix="step", caption_dropout=0.0)
     kinds = []
     for _ in range(40):
-        _, sources, targets = draw_batch(rng, 4, data, 32)
+        _, sources, targets, scenes = draw_batch(rng, 4, data, 32)
+        assert len(scenes) == 4
         assert targets.shape == (4, 3, 32, 32)
         edits = {s is not None for s in sources}
         assert len(edits) == 1
@@ -168,3 +169,79 @@ def test_init_from_starts_a_second_stage_from_a_model_folder(tmp_path):
     other.model.depth = 2
     with pytest.raises(UserError, match="init_from.*depth"):
         list(pretrain(other))
+
+
+def aux_recipe(out: Path, steps: int, every: int) -> PretrainRecipe:
+    recipe = tiny_recipe(out, steps, every)
+    recipe.model.edit_conditioning = "sequence"
+    recipe.data.task_mix = "step"
+    recipe.train.shape_aux_weight = 0.5
+    recipe.train.shape_aux_layer = 1
+    return recipe
+
+
+def test_shape_aux_objective_trains_resumes_exactly_and_is_not_exported(tmp_path):
+    recipe = aux_recipe(tmp_path / "full", 30, 10)
+    recipe.train.lr = 3e-3
+    rows = [r for r in pretrain(recipe) if not r.get("done")]
+    aux = [r["shape_aux_loss"] for r in rows]
+    assert sum(aux[-5:]) / 5 < 0.8 * sum(aux[:5]) / 5, aux  # the head learns the shape map
+    # The head and its optimiser state are in the checkpoint, so a cut run continues to the same weights.
+    cut = aux_recipe(tmp_path / "cut", 30, 10)
+    cut.train.lr = 3e-3
+    for row in pretrain(cut):
+        if row.get("step") == 15:
+            break
+    list(pretrain(cut, resume=True))
+    a, b = load_checkpoint(latest_checkpoint(tmp_path / "full")), load_checkpoint(latest_checkpoint(tmp_path / "cut"))
+    for part in ("model", "shape_aux_head"):
+        for k in a.tensors[part]:
+            assert torch.equal(a.tensors[part][k], b.tensors[part][k]), (part, k)
+    # The exported model is a plain TinyDiT: same parameter names as a run without the auxiliary head.
+    plain = aux_recipe(tmp_path / "plain", 1, 1)
+    plain.train.shape_aux_weight = 0.0
+    list(pretrain(plain))
+    exported = load_policy(str(tmp_path / "full" / "model")).state_dict().keys()
+    assert exported == load_policy(str(tmp_path / "plain" / "model")).state_dict().keys()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"shape_aux_layer": 0}, "train.shape_aux_layer must be between 1 and model.depth"),
+        ({"shape_aux_weight": -1.0}, "train.shape_aux_weight must be >= 0"),
+        ({"task_mix": "row"}, "needs data.task_mix: step"),
+    ],
+)
+def test_shape_aux_settings_are_checked(tmp_path, change, message):
+    recipe = aux_recipe(tmp_path / "bad", 2, 1)
+    for key, value in change.items():
+        setattr(recipe.data if key == "task_mix" else recipe.train, key, value)
+    with pytest.raises(UserError, match=message):
+        list(pretrain(recipe))
+    assert not (tmp_path / "bad").exists()
+
+
+def test_resuming_a_plain_run_with_the_shape_aux_objective_is_a_user_error(tmp_path):
+    plain = aux_recipe(tmp_path / "run", 2, 1)
+    plain.train.shape_aux_weight = 0.0
+    list(pretrain(plain))
+    plain.train.steps, plain.train.shape_aux_weight = 4, 0.5
+    with pytest.raises(UserError, match="without train.shape_aux_weight"):
+        list(pretrain(plain, resume=True))
+
+
+def test_t2i_categories_choose_the_caption_mix(tmp_path):
+    import numpy as np
+
+    from qirl.pretrain import PretrainData, draw_batch
+
+    only_single = PretrainData(edit_fraction=0.0, t2i_categories=["single"])
+    batch = draw_batch(np.random.default_rng(0), 32, only_single, 32)
+    assert all(len(scene.objects) == 1 for scene in batch.target_scenes)
+    default = draw_batch(np.random.default_rng(0), 32, PretrainData(edit_fraction=0.0), 32)
+    assert any(len(scene.objects) > 1 for scene in default.target_scenes)
+    recipe = tiny_recipe(tmp_path / "bad", 2, 1)
+    recipe.data.t2i_categories = ["single", "creative"]  # creative prompts are the held-out pairs
+    with pytest.raises(UserError, match="data.t2i_categories: unknown or non-training categories creative"):
+        list(pretrain(recipe))

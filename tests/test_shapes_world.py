@@ -37,6 +37,7 @@ from qirl.shapes import (
     spec_matches_scene,
 )
 from qirl.shapes.edits import instruction_text
+from qirl.shapes.render import render_shape_labels
 from qirl.shapes.scene import SIZES, is_valid, position_margin
 
 
@@ -126,6 +127,24 @@ def test_render_is_anti_aliased_between_object_and_background():
     np.testing.assert_allclose(img[partial], alpha[partial, None] * red, atol=1e-5)  # exact mixes
     area = alpha.sum() / 32**2
     assert abs(area - np.pi * SIZES["large"] ** 2) < 0.01
+
+
+def test_shape_labels_mark_the_pixels_each_object_mostly_covers():
+    scene = Scene(
+        (ShapeObject("triangle", "red", "large", 0.3, 0.3), ShapeObject("square", "blue", "small", 0.75, 0.7)),
+        "black",
+    )
+    labels = render_shape_labels([scene, Scene((), "white")])  # [2, 32, 32]
+    assert labels.shape == (2, 32, 32) and labels.dtype == torch.int64
+    assert set(labels[0].unique().tolist()) == {0, 1 + SHAPES.index("triangle"), 1 + SHAPES.index("square")}
+    assert not labels[1].any()  # no object: all background
+    img = render(scene)  # [32, 32, 3]
+    for obj in scene.objects:
+        colour = np.array(COLORS[obj.color], dtype=np.float32)
+        alpha = (img @ colour) / (colour @ colour)  # coverage along black -> the object's colour
+        mine = (labels[0] == 1 + SHAPES.index(obj.shape)).numpy()
+        near = np.abs(img - colour).sum(-1) < 1.0  # pixels of this object's colour, not the other's
+        np.testing.assert_array_equal(mine, near & (alpha >= 0.5 - 1e-6))
 
 
 def test_render_batch_is_fast():

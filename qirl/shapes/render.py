@@ -65,18 +65,10 @@ def _check_size(size: int) -> None:
         raise UserError(f"image size must be an integer >= 16, got {size!r}")
 
 
-def render_numpy(scenes: Sequence[Scene], size: int = 32) -> np.ndarray:
-    """Render scenes into a float32 array [B, size, size, 3] in [0, 1] (numpy, channels last)."""
-    _check_size(size)
+def _coverages(scenes: Sequence[Scene], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-object coverage alpha [B, N, H, W] and colour [B, N, 3] (N = most objects in a scene)."""
     b = len(scenes)
     n_max = max((len(s.objects) for s in scenes), default=0)
-    img = np.empty((b, size, size, 3), dtype=np.float32)  # [B, H, W, 3]
-    for i, s in enumerate(scenes):
-        if s.background not in BACKGROUNDS:
-            raise UserError(f"unknown background {s.background!r}; expected one of {', '.join(BACKGROUNDS)}")
-        img[i] = BACKGROUNDS[s.background]
-    if n_max == 0:
-        return img
     centres = (np.arange(size, dtype=np.float32) + 0.5) / size  # [W] pixel centres in image fractions
     # Objects are grouped by shape so each distance function runs once over all objects of that shape.
     alpha = np.zeros((b, n_max, size, size), dtype=np.float32)  # [B, N, H, W]
@@ -96,10 +88,35 @@ def render_numpy(scenes: Sequence[Scene], size: int = 32) -> np.ndarray:
         dx, dy = np.broadcast_arrays(dx, dy)  # [M, H, W] each
         r = np.broadcast_to(arr[:, 4, None, None], dx.shape)  # [M, H, W]
         alpha[bi, nj] = coverage(shape, dx, dy, r, size)
-    for j in range(n_max):  # composite in object order (objects never overlap in valid scenes)
+    return alpha, color
+
+
+def render_numpy(scenes: Sequence[Scene], size: int = 32) -> np.ndarray:
+    """Render scenes into a float32 array [B, size, size, 3] in [0, 1] (numpy, channels last)."""
+    _check_size(size)
+    img = np.empty((len(scenes), size, size, 3), dtype=np.float32)  # [B, H, W, 3]
+    for i, s in enumerate(scenes):
+        if s.background not in BACKGROUNDS:
+            raise UserError(f"unknown background {s.background!r}; expected one of {', '.join(BACKGROUNDS)}")
+        img[i] = BACKGROUNDS[s.background]
+    alpha, color = _coverages(scenes, size)  # [B, N, H, W], [B, N, 3]
+    for j in range(alpha.shape[1]):  # composite in object order (objects never overlap in valid scenes)
         a = alpha[:, j, :, :, None]  # [B, H, W, 1]
         img = img * (1.0 - a) + color[:, j, None, None, :] * a
     return img.astype(np.float32, copy=False)
+
+
+def render_shape_labels(scenes: Sequence[Scene], size: int = 32) -> torch.Tensor:
+    """Per-pixel shape class [B, size, size] (int64): 0 = background, 1 + SHAPES.index(shape) where an
+    object covers at least half the pixel (the later object wins, as in compositing). The segmentation
+    map of what `render_batch` draws, for pretraining's auxiliary shape objective."""
+    _check_size(size)
+    alpha, _ = _coverages(scenes, size)  # [B, N, H, W]
+    labels = np.zeros((len(scenes), size, size), dtype=np.int64)  # [B, H, W]
+    for i, s in enumerate(scenes):
+        for j, o in enumerate(s.objects):
+            labels[i][alpha[i, j] >= 0.5] = 1 + SHAPES.index(o.shape)
+    return torch.from_numpy(labels)
 
 
 def render(scene: Scene, size: int = 32) -> np.ndarray:
