@@ -29,7 +29,7 @@ import torch
 from qirl.checkpoint import load_checkpoint, save_checkpoint
 from qirl.config import dump_recipe
 from qirl.errors import UserError
-from qirl.models.text import build_tokenizer
+from qirl.models.text import build_tokenizer, tokenize
 from qirl.models.tiny_dit import TinyDiT, TinyDiTConfig
 from qirl.runlog import append_metrics, checkpoint_to_resume, start_metrics
 from qirl.sampling import flow_matching_loss, sample_train_t
@@ -72,6 +72,9 @@ class PretrainTrain:
     # (0 = off) and the number of DiT blocks whose output image tokens it reads.
     shape_aux_weight: float = 0.0
     shape_aux_layer: int = 3
+    # Token identity (see `token_identity_loss`): weight of its cross-entropy on the text encoder's
+    # output states (0 = off)
+    text_aux_weight: float = 0.0
 
 
 @dataclass
@@ -159,6 +162,35 @@ class ShapeSegmentationHead(torch.nn.Module):
         return logits.reshape(b, k, g * p, g * p)  # [B, K, H, W]
 
 
+TOKEN_IDENTITY_TEMPERATURE = 10.0
+
+
+def token_identity_loss(
+    states: torch.Tensor, ids: torch.Tensor, padding: torch.Tensor, embeddings: torch.Tensor
+) -> torch.Tensor:
+    """Cross-entropy of recovering each prompt token from its own output state, by cosine similarity
+    with the (tied) token embeddings: ``logits_ij = tau cos(h_i, E_j)``, ``tau = 10``.
+
+    Why: the jointly trained text encoder learns only what the flow loss pays for, and the shape word is
+    worth little there, so its states barely differ between shapes (the base: 0.1-0.6 at every word position
+    between "circle" and "square" prompts, against 3-6 between "red" and "orange"; norms about 11). The
+    DiT cannot use what the condition does not carry. A frozen pretrained encoder (T5, a VLM) keeps every
+    word distinct; this loss asks the same of the small one. Logits against the tied input embeddings
+    (Press & Wolf 2017) with a fixed temperature, cosine as in CLIP's normalised logits (Radford et al.
+    2021), leave no free head that could amplify tiny differences instead of the encoder.
+
+    states [B, L, D], ids [B, L], padding [B, L] (True = padding), embeddings [V, D] -> scalar. Position 0
+    (``[CLS]``, which pools the prompt) is not asked to be itself.
+    """
+    keep = ~padding
+    keep[:, 0] = False  # [B, L]
+    if not bool(keep.any()):
+        return states.sum() * 0.0  # every prompt of the batch was dropped to ""
+    h = torch.nn.functional.normalize(states[keep].float(), dim=-1)  # [M, D]
+    e = torch.nn.functional.normalize(embeddings.float(), dim=-1)  # [V, D]
+    return torch.nn.functional.cross_entropy(TOKEN_IDENTITY_TEMPERATURE * h @ e.T, ids[keep])
+
+
 def sample_timesteps(train: PretrainTrain, n: int, generator: torch.Generator) -> torch.Tensor:
     """t in (0, 1): SD3's logit-normal (see `sample_train_t`) or uniform."""
     if train.timestep_sampling == "uniform":
@@ -217,6 +249,8 @@ def pretrain(recipe: PretrainRecipe, resume: bool = False) -> Iterator[dict[str,
         # a mixed batch runs the DiT twice (T2I rows without source tokens), so one hooked block output
         # would not cover the whole batch
         raise UserError("train.shape_aux_weight needs data.task_mix: step with sequence edit conditioning")
+    if recipe.train.text_aux_weight < 0:
+        raise UserError(f"train.text_aux_weight must be >= 0, got {recipe.train.text_aux_weight}")
     if recipe.run.export_dtype not in _EXPORT_DTYPES:
         raise UserError(f"run.export_dtype must be one of {', '.join(_EXPORT_DTYPES)}, got {recipe.run.export_dtype!r}")
 
@@ -281,6 +315,7 @@ def pretrain(recipe: PretrainRecipe, resume: bool = False) -> Iterator[dict[str,
     start_step = step
     window: list[float] = []
     aux_window: list[float] = []
+    text_window: list[float] = []
     while step < train.steps:
         t0 = time.perf_counter()
         batch = draw_batch(data_rng, train.batch_size, recipe.data, recipe.model.image_size)
@@ -300,6 +335,11 @@ def pretrain(recipe: PretrainRecipe, resume: bool = False) -> Iterator[dict[str,
             aux_loss = torch.nn.functional.cross_entropy(logits.float(), labels)
             loss = flow_loss + aux_weight * aux_loss
             aux_window.append(float(aux_loss.detach()))
+        if train.text_aux_weight:
+            ids, _ = tokenize(model.tokenizer, batch.prompts, recipe.model.max_text_len, model.device)  # [B, L]
+            text_loss = token_identity_loss(cond.text, ids, cond.key_padding_mask, model.text_encoder.tok_emb.weight)
+            loss = loss + train.text_aux_weight * text_loss
+            text_window.append(float(text_loss.detach()))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, train.grad_clip))
@@ -322,8 +362,11 @@ def pretrain(recipe: PretrainRecipe, resume: bool = False) -> Iterator[dict[str,
             }
             if aux_window:
                 row["shape_aux_loss"] = sum(aux_window) / len(aux_window)
+            if text_window:
+                row["text_aux_loss"] = sum(text_window) / len(text_window)
             window.clear()
             aux_window.clear()
+            text_window.clear()
             append_metrics(metrics_file, row)
             yield row
 

@@ -245,3 +245,37 @@ def test_t2i_categories_choose_the_caption_mix(tmp_path):
     recipe.data.t2i_categories = ["single", "creative"]  # creative prompts are the held-out pairs
     with pytest.raises(UserError, match="data.t2i_categories: unknown or non-training categories creative"):
         list(pretrain(recipe))
+
+
+def test_token_identity_loss_rewards_states_that_keep_their_word():
+    from qirl.pretrain import token_identity_loss
+
+    emb = torch.nn.functional.one_hot(torch.arange(6), 8).float()  # [V=6, D=8], orthogonal words
+    ids = torch.tensor([[0, 3, 4, 5], [0, 2, 1, 1]])  # [B, L]; position 0 is [CLS]
+    padding = torch.tensor([[False, False, False, False], [False, False, True, True]])
+    kept = token_identity_loss(emb[ids], ids, padding, emb)
+    collapsed = token_identity_loss(emb[torch.full_like(ids, 3)], ids, padding, emb)  # every state = word 3
+    assert kept < 0.01 < collapsed
+    # Padding and [CLS] are not asked for: changing their states changes nothing.
+    noisy = emb[ids].clone()
+    noisy[1, 2:] = 5.0
+    noisy[:, 0] = -1.0
+    assert torch.equal(token_identity_loss(noisy, ids, padding, emb), kept)
+    # A batch of empty prompts ([CLS] alone) has nothing to recover: zero, still differentiable.
+    states = torch.randn(2, 1, 8, requires_grad=True)
+    empty = token_identity_loss(states, ids[:, :1], padding[:, :1], emb)
+    empty.backward()
+    assert float(empty.detach()) == 0.0
+
+
+def test_text_aux_objective_trains_the_encoder_and_is_checked(tmp_path):
+    recipe = tiny_recipe(tmp_path / "run", 30, 10)
+    recipe.train.lr, recipe.train.text_aux_weight = 3e-3, 1.0
+    rows = [r for r in pretrain(recipe) if not r.get("done")]
+    text = [r["text_aux_loss"] for r in rows]
+    assert text[-1] < 0.8 * text[0], text
+    bad = tiny_recipe(tmp_path / "bad", 2, 1)
+    bad.train.text_aux_weight = -0.1
+    with pytest.raises(UserError, match="train.text_aux_weight must be >= 0"):
+        list(pretrain(bad))
+    assert not (tmp_path / "bad").exists()
