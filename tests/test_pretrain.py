@@ -269,11 +269,27 @@ def test_token_identity_loss_rewards_states_that_keep_their_word():
 
 
 def test_text_aux_objective_trains_the_encoder_and_is_checked(tmp_path):
-    recipe = tiny_recipe(tmp_path / "run", 30, 10)
-    recipe.train.lr, recipe.train.text_aux_weight = 3e-3, 1.0
-    rows = [r for r in pretrain(recipe) if not r.get("done")]
-    text = [r["text_aux_loss"] for r in rows]
+    from qirl.models.text import tokenize
+    from qirl.pretrain import token_identity_loss
+
+    def identity_loss_of(model_dir: Path) -> float:
+        model = load_policy(str(model_dir))
+        prompts = ["a large red circle on a white background", "two small blue squares"]
+        ids, padding = tokenize(model.tokenizer, prompts, model.config.max_text_len)
+        with torch.no_grad():
+            states, _ = model.text_encoder(ids, padding)  # [B, L, D]
+            return float(token_identity_loss(states, ids, padding, model.text_encoder.tok_emb.weight))
+
+    runs = {}
+    for weight in (0.0, 1.0):
+        recipe = tiny_recipe(tmp_path / f"w{weight}", 30, 10)
+        recipe.train.lr, recipe.train.text_aux_weight = 3e-3, weight
+        runs[weight] = [r for r in pretrain(recipe) if not r.get("done")]
+    text = [r["text_aux_loss"] for r in runs[1.0]]
     assert text[-1] < 0.8 * text[0], text
+    assert all("text_aux_loss" not in r for r in runs[0.0])
+    # The same data and seed with the loss on leave an encoder whose states keep their words far better.
+    assert identity_loss_of(tmp_path / "w1.0" / "model") < 0.5 * identity_loss_of(tmp_path / "w0.0" / "model")
     bad = tiny_recipe(tmp_path / "bad", 2, 1)
     bad.train.text_aux_weight = -0.1
     with pytest.raises(UserError, match="train.text_aux_weight must be >= 0"):
