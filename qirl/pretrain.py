@@ -17,6 +17,7 @@ step) every `checkpoint_every` steps; `resume=True` continues bit-exactly on CPU
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -38,6 +39,7 @@ from qirl.shapes import CATEGORIES, SHAPES, random_edit_record, random_t2i_recor
 from qirl.shapes.corpus import grammar_corpus
 from qirl.shapes.render import render_shape_labels
 from qirl.shapes.scene import Scene
+from qirl.text_pretrain import pretrain_text_encoder, token_identity_loss
 
 
 @dataclass
@@ -75,6 +77,11 @@ class PretrainTrain:
     # Token identity (see `token_identity_loss`): weight of its cross-entropy on the text encoder's
     # output states (0 = off)
     text_aux_weight: float = 0.0
+    # The text encoder: "joint" trains it with the DiT on the flow loss; "frozen" first pretrains it on
+    # the caption grammar by masked-token denoising for `text_encoder_steps` steps (`qirl.text_pretrain`),
+    # then freezes it, as Qwen-Image freezes its Qwen2.5-VL.
+    text_encoder: str = "joint"
+    text_encoder_steps: int = 500
 
 
 @dataclass
@@ -162,35 +169,6 @@ class ShapeSegmentationHead(torch.nn.Module):
         return logits.reshape(b, k, g * p, g * p)  # [B, K, H, W]
 
 
-TOKEN_IDENTITY_TEMPERATURE = 10.0
-
-
-def token_identity_loss(
-    states: torch.Tensor, ids: torch.Tensor, padding: torch.Tensor, embeddings: torch.Tensor
-) -> torch.Tensor:
-    """Cross-entropy of recovering each prompt token from its own output state, by cosine similarity
-    with the (tied) token embeddings: ``logits_ij = tau cos(h_i, E_j)``, ``tau = 10``.
-
-    Why: the jointly trained text encoder learns only what the flow loss pays for, and the shape word is
-    worth little there, so its states barely differ between shapes (the base: 0.1-0.6 at every word position
-    between "circle" and "square" prompts, against 3-6 between "red" and "orange"; norms about 11). The
-    DiT cannot use what the condition does not carry. A frozen pretrained encoder (T5, a VLM) keeps every
-    word distinct; this loss asks the same of the small one. Logits against the tied input embeddings
-    (Press & Wolf 2017) with a fixed temperature, cosine as in CLIP's normalised logits (Radford et al.
-    2021), leave no free head that could amplify tiny differences instead of the encoder.
-
-    states [B, L, D], ids [B, L], padding [B, L] (True = padding), embeddings [V, D] -> scalar. Position 0
-    (``[CLS]``, which pools the prompt) is not asked to be itself.
-    """
-    keep = ~padding
-    keep[:, 0] = False  # [B, L]
-    if not bool(keep.any()):
-        return states.sum() * 0.0  # every prompt of the batch was dropped to ""
-    h = torch.nn.functional.normalize(states[keep].float(), dim=-1)  # [M, D]
-    e = torch.nn.functional.normalize(embeddings.float(), dim=-1)  # [V, D]
-    return torch.nn.functional.cross_entropy(TOKEN_IDENTITY_TEMPERATURE * h @ e.T, ids[keep])
-
-
 def sample_timesteps(train: PretrainTrain, n: int, generator: torch.Generator) -> torch.Tensor:
     """t in (0, 1): SD3's logit-normal (see `sample_train_t`) or uniform."""
     if train.timestep_sampling == "uniform":
@@ -200,11 +178,13 @@ def sample_timesteps(train: PretrainTrain, n: int, generator: torch.Generator) -
 
 @torch.no_grad()
 def ema_update(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: float) -> None:
-    for name, p in model.state_dict().items():
-        if p.dtype.is_floating_point:
+    """``ema = decay ema + (1 - decay) p`` for trained parameters; frozen ones and buffers are copied,
+    because the average of a constant drifts from it by rounding."""
+    for name, p in model.state_dict(keep_vars=True).items():
+        if p.requires_grad:
             ema[name].mul_(decay).add_(p.detach(), alpha=1 - decay)
         else:
-            ema[name].copy_(p)
+            ema[name].copy_(p.detach())
 
 
 def _init_model(recipe: PretrainRecipe) -> TinyDiT:
@@ -251,10 +231,22 @@ def pretrain(recipe: PretrainRecipe, resume: bool = False) -> Iterator[dict[str,
         raise UserError("train.shape_aux_weight needs data.task_mix: step with sequence edit conditioning")
     if recipe.train.text_aux_weight < 0:
         raise UserError(f"train.text_aux_weight must be >= 0, got {recipe.train.text_aux_weight}")
+    if recipe.train.text_encoder not in ("joint", "frozen"):
+        raise UserError(f"train.text_encoder must be joint or frozen, got {recipe.train.text_encoder!r}")
+    frozen_text = recipe.train.text_encoder == "frozen"
+    if frozen_text and recipe.train.text_aux_weight:
+        raise UserError("train.text_aux_weight trains the text encoder; it has no effect with train.text_encoder: frozen")
+    if recipe.train.text_encoder_steps < 0:
+        raise UserError(f"train.text_encoder_steps must be >= 0, got {recipe.train.text_encoder_steps}")
     if recipe.run.export_dtype not in _EXPORT_DTYPES:
         raise UserError(f"run.export_dtype must be one of {', '.join(_EXPORT_DTYPES)}, got {recipe.run.export_dtype!r}")
 
     torch.manual_seed(recipe.run.seed)
+
+    @functools.cache
+    def corpus() -> list[str]:  # captions and instructions: the tokenizer's vocabulary, the encoder's text
+        return grammar_corpus(recipe.data.vocab_samples, recipe.run.seed + 7919)
+
     if existing is not None:
         ckpt = load_checkpoint(existing)
         tokenizer_json = ckpt.state["tokenizer"]
@@ -267,17 +259,30 @@ def pretrain(recipe: PretrainRecipe, resume: bool = False) -> Iterator[dict[str,
         tokenizer = init.tokenizer
     else:
         init = None
-        tokenizer = build_tokenizer(grammar_corpus(recipe.data.vocab_samples, recipe.run.seed + 7919))
+        tokenizer = build_tokenizer(corpus())
     model = TinyDiT(recipe.model, tokenizer)
     if init is not None:
         model.load_state_dict(init.state_dict())
     model.train()
+    text_losses: list[float] = []
+    if frozen_text and existing is None:
+        # before the EMA copy below, so the EMA starts from (and keeps) the pretrained encoder
+        text_losses = pretrain_text_encoder(
+            model.text_encoder,
+            tokenizer,
+            corpus(),
+            steps=recipe.train.text_encoder_steps,
+            max_len=recipe.model.max_text_len,
+            seed=recipe.run.seed,
+        )
+    if frozen_text:
+        model.text_encoder.requires_grad_(False)
     aux_head = None
     if aux_weight:
         aux_head = ShapeSegmentationHead(recipe.model.dim, recipe.model.patch_size, model.grid)
         hidden: list[torch.Tensor] = []
         model.blocks[recipe.train.shape_aux_layer - 1].register_forward_hook(lambda m, i, o: hidden.append(o))
-    params = list(model.parameters()) + (list(aux_head.parameters()) if aux_head is not None else [])
+    params = [p for p in model.parameters() if p.requires_grad] + (list(aux_head.parameters()) if aux_head is not None else [])
     opt = torch.optim.AdamW(params, lr=recipe.train.lr, weight_decay=recipe.train.weight_decay, betas=(0.9, 0.99))
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     data_rng = np.random.default_rng(recipe.run.seed)
@@ -295,6 +300,11 @@ def pretrain(recipe: PretrainRecipe, resume: bool = False) -> Iterator[dict[str,
         gen.set_state(ckpt.tensors["rng"]["torch"])
         step = ckpt.step
     metrics_file = start_metrics(out, recipe, step if existing is not None else None)
+    if text_losses:
+        tail = text_losses[-max(1, len(text_losses) // 10) :]
+        row = {"step": 0, "text_encoder_steps": len(text_losses), "text_encoder_loss": sum(tail) / len(tail)}
+        append_metrics(metrics_file, row)
+        yield row
 
     def checkpoint() -> Path:
         tensors = {"model": model.state_dict(), "ema": ema, "rng": {"torch": gen.get_state()}}
@@ -323,7 +333,7 @@ def pretrain(recipe: PretrainRecipe, resume: bool = False) -> Iterator[dict[str,
         noise = torch.randn(batch.targets.shape, generator=gen)  # [B, 3, H, W]
         for group in opt.param_groups:
             group["lr"] = lr_at(step, train.lr, train.warmup_steps, train.steps)
-        cond = model.encode(batch.prompts, batch.sources)  # the text encoder trains too
+        cond = model.encode(batch.prompts, batch.sources)  # the text encoder trains too, unless frozen
         flow_loss = flow_matching_loss(model, model.encode_images(batch.targets), cond, t=t, noise=noise)
         loss = flow_loss
         if aux_head is not None:

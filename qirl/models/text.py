@@ -1,10 +1,12 @@
 """A word-level tokenizer and a small transformer text encoder that qirl builds and trains itself.
 
-Why not a pretrained encoder: the Shapes world has a vocabulary of a few hundred words, and the embedded
-default must run offline on a laptop CPU. A word-level vocabulary built from the caption corpus and a
-2-layer encoder trained jointly with the DiT (there is no pretrained encoder to freeze) are enough to
-represent "a red circle left of a small blue square", and they ship in a few hundred kilobytes.
-Post-training leaves it frozen, as Qwen-Image freezes its Qwen2.5-VL encoder.
+Why not a downloaded pretrained encoder: the Shapes world has a vocabulary of a few hundred words, and
+the embedded default must run offline on a laptop CPU. A word-level vocabulary built from the caption
+corpus and a 2-layer encoder are enough to represent "a red circle left of a small blue square", and they
+ship in a few hundred kilobytes. `qirl pretrain` either trains the encoder jointly with the DiT
+(`train.text_encoder: joint`) or pretrains it on the captions first and then freezes it
+(`frozen`, `qirl.text_pretrain`). Post-training always leaves it frozen, as Qwen-Image freezes its
+Qwen2.5-VL encoder.
 
 The tokenizer is a `tokenizers.Tokenizer` (WordLevel model, NFKC + lowercase normaliser, whitespace then
 punctuation pre-tokeniser, ``[CLS]`` prepended), saved as a standard ``tokenizer.json``.
