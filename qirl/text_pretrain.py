@@ -79,10 +79,12 @@ def pretrain_text_encoder(
 
     AdamW (betas 0.9/0.99, no weight decay), constant lr after a linear warm-up over the first 10% of
     steps, gradient clipping at 1. Deterministic given `seed` (its own generators; the caller's RNGs are
-    untouched).
+    untouched). Texts longer than `max_len` tokens are left out rather than truncated.
     """
     if steps <= 0:
         return []
+    # captions longer than the encoder's context would be truncated (and warned about) every batch
+    corpus = [text for text, e in zip(corpus, tokenizer.encode_batch(list(corpus)), strict=True) if len(e.ids) <= max_len]
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     device = encoder.tok_emb.weight.device
