@@ -18,6 +18,7 @@ import math
 from collections.abc import Iterator
 
 import torch
+
 from qirl.kernels._scalars import per_sample_scalar
 
 try:  # pragma: no branch - the import either works or it does not

@@ -154,8 +154,9 @@ class ImageOnlyQwenVLProcessor(Qwen2_5_VLProcessor):
 class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
     """`Qwen3VLProcessor` without the video processor (which needs torchvision).
 
-    For images it differs from the Qwen2.5-VL one only in not returning `token_type_ids`; the
-    vision start/end tokens it also keeps are used by its video timestamps alone.
+    For images it differs from the Qwen2.5-VL one only in not returning `token_type_ids`. It keeps the
+    vision start/end tokens the stock `__init__` sets: transformers < 5.25 reads them for video
+    timestamps alone, 5.25 on every call (`get_text_with_replacements`).
     """
 
     def __init__(
@@ -165,6 +166,10 @@ class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
         chat_template: str | None = None,
         **kwargs: Any,
     ):
+        self.vision_start_token = getattr(tokenizer, "vision_start_token", None) or VISION_START
+        self.vision_end_token = getattr(tokenizer, "vision_end_token", None) or VISION_END
+        self.vision_start_token_id = tokenizer.convert_tokens_to_ids(self.vision_start_token)
+        self.vision_end_token_id = tokenizer.convert_tokens_to_ids(self.vision_end_token)
         _image_only_init(self, image_processor, tokenizer, chat_template)
 
 
