@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_pretrain import TINY as PRETRAIN_TINY
 
 from qirl.checkpoint import latest_checkpoint, load_checkpoint
 from qirl.config import load_recipe
@@ -57,21 +58,8 @@ def test_pretrained_encoder_fills_in_a_masked_word_from_context():
     assert set(guesses("make the blue square red", "square", 2)) <= shapes
 
 
-TINY = [
-    "model.dim=32",
-    "model.depth=1",
-    "model.heads=2",
-    "model.text_dim=32",
-    "model.text_depth=1",
-    "model.text_heads=2",
-    "data.vocab_samples=300",
-    "data.edit_fraction=0.0",
-    "train.batch_size=4",
-    "train.warmup_steps=2",
-    "train.text_encoder=frozen",
-    "train.text_encoder_steps=20",
-    "run.log_every=1",
-]
+# test_pretrain's tiny model, text-to-image only, with a frozen encoder pretrained for 20 steps
+TINY = PRETRAIN_TINY + ["data.edit_fraction=0.0", "train.text_encoder=frozen", "train.text_encoder_steps=20"]
 
 
 def _text_encoder(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
