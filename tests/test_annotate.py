@@ -151,6 +151,22 @@ def test_deterministic_given_seed(model_run, tmp_path):
     assert other["pointwise"]["prompt"] != first["pointwise"]["prompt"]
 
 
+def test_sde_pool_is_grpo_like_and_deterministic(model_run, tmp_path):
+    """`noise_level > 0` samples the pool as GRPO rolls out (SDE steps on the window): different images
+    from the ODE pool, the same ones again for the same seed. (Noises are drawn per image, but a
+    different batch size can still flip a rounding in the 8-bit images, as in the ODE pool.)"""
+    _, ode = model_run
+    kw = {**MODEL, "noise_level": 0.7, "sde_window": 2}
+    sde = _run(tmp_path / "sde", **kw)
+    again = _run(tmp_path / "sde_again", **kw)
+    for name in SPLITS:
+        assert sde[name].with_format("arrow")[:].equals(again[name].with_format("arrow")[:]), name
+    images = lambda ds: [row["bytes"] for row in _raw(ds["pointwise"], "image")["image"]]  # noqa: E731
+    assert images(sde) != images(ode)
+    stats = json.loads((tmp_path / "sde" / "annotations.json").read_text())["pool"]
+    assert all("sde=0.7" in o for o in stats["by_origin"] if o.startswith("model"))
+
+
 def test_a_pool_from_several_models_splits_the_slots(model_run, tmp_path):
     """`model=a,b`: slot k of a prompt from model k mod 2, each with the noise and sampler settings the
     slot has in a one-model pool, so base,base is the base pool exactly."""

@@ -387,3 +387,35 @@ def test_checkpoints_load_as_policies_for_annotation_rounds(tmp_path):
     rows(recipe(lora, "train.iterations=1", "run.checkpoint_every=1", "train.lora_rank=2", "train.lr=1e-3"))
     with pytest.raises(UserError, match="LoRA run's checkpoint"):
         load_policy(str(lora / "checkpoints" / "step_00000001"))
+
+
+def test_group_agreement_is_within_group_spearman():
+    from qirl.rl.grpo import group_agreement
+
+    trained = torch.tensor([1.0, 2.0, 3.0, 4.0, 1.0, 2.0, 3.0, 4.0])
+    same, reversed_ = trained.clone(), torch.tensor([1.0, 2.0, 3.0, 4.0, 4.0, 3.0, 2.0, 1.0])
+    assert group_agreement(trained, same, 4) == pytest.approx(1.0)
+    assert group_agreement(trained, reversed_, 4) == pytest.approx(0.0)  # +1 and -1 average out
+    # A constant group (no order to agree on) and a group with NaNs left under 3 rows are skipped.
+    flat = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, float("nan"), float("nan"), 4.0])
+    assert group_agreement(trained, flat, 4) != group_agreement(trained, flat, 4)  # NaN
+
+
+def test_monitors_are_logged_but_do_not_change_training(tmp_path):
+    """A monitor is scored and logged with its agreement; weights and advantages are those of the run
+    without it (monitors never enter the objective)."""
+    plain = rows(recipe(tmp_path / "a", "train.iterations=1"))[0]
+    watched_rows = rows(recipe(tmp_path / "b", "train.iterations=1", "rewards.monitors=[{name: oracle}]"))
+    watched = watched_rows[0]
+    assert "monitor/oracle" in watched and "monitor_agreement/oracle" in watched
+    assert 0.0 <= watched["monitor/oracle"] <= 1.0
+    assert watched["adv_std"] == plain["adv_std"] and watched["loss"] == plain["loss"]
+    a = load_policy(str(tmp_path / "a" / "model")).state_dict()
+    b = load_policy(str(tmp_path / "b" / "model")).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_duplicate_monitor_names_are_a_user_error(tmp_path):
+    cfg = recipe(tmp_path / "d", "train.iterations=1", "rewards.monitors=[{name: oracle}, {name: oracle}]")
+    with pytest.raises(UserError, match="monitor names must be unique"):
+        rows(cfg)

@@ -129,6 +129,10 @@ class AnnotateConfig:
     guidance: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])  # CFG scales to sample at
     steps: list[int] = field(default_factory=lambda: [4, 10, 20])  # Euler step counts to sample at
     shift: float = 1.0
+    # 0: deterministic Euler samples. > 0: GRPO-style SDE samples (`sample_sde`, this noise level, SDE
+    # steps 0..sde_window-1, CFG in the rollout), i.e. the images a GRPO run actually scores.
+    noise_level: float = 0.0
+    sde_window: int = 4
     edit_fraction: float = 0.25  # share of prompts that are edit instructions
     test_fraction: float = 0.1  # share of prompts held out for the *_test splits
     pairs_per_prompt: int = 16  # same-prompt pairs drawn from each pool (at most all of them)
@@ -154,6 +158,9 @@ class AnnotateConfig:
                 raise UserError(f"{key} must be in [0, 1], got {getattr(self, key)}")
         if not 0.0 < self.test_fraction < 1.0:
             raise UserError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+        if self.noise_level < 0 or self.sde_window < 1:
+            raise UserError(f"noise_level must be >= 0 and sde_window >= 1, got {self.noise_level}, "
+                            f"{self.sde_window}")
         if self.likert_noise < 0 or self.tie_threshold < 0:
             raise UserError("likert_noise and tie_threshold must be non-negative")
         if self.pairs_per_prompt < 1 or self.batch_size < 1:
@@ -262,7 +269,8 @@ def _sample_pool(
 ) -> Iterator[list[_PoolImage]]:
     """The models' samples, one list per batch: sample k of prompt i comes from model k mod M, uses the
     (guidance, steps) pair number (i * n_model + k) mod |grid| and the initial noise
-    `image_noise(seed, i * pool + k)`, so the pool does not depend on the batch size."""
+    `image_noise(seed, i * pool + k)`, so the noises do not depend on the batch size (the 8-bit images
+    can still differ by a rounding between batch sizes)."""
     n_model = config.n_model_samples
     grid = list(product(config.guidance, config.steps))
     jobs = [(i, k, (i * n_model + k) % len(grid)) for i in range(len(records)) for k in range(n_model)]
@@ -277,7 +285,7 @@ def _sample_one_model(
     records: list[dict[str, Any]], sources: list[np.ndarray | None],
 ) -> Iterator[list[_PoolImage]]:
     from qirl.prompt_sets import image_noise
-    from qirl.sampling import sample_ode
+    from qirl.sampling import sample_ode, sample_sde
 
     pool = config.samples_per_prompt
     grid = list(product(config.guidance, config.steps))
@@ -291,11 +299,22 @@ def _sample_one_model(
             with torch.no_grad():
                 cond = policy.encode([records[i]["prompt"] for i, _ in chunk], src)
                 noise = torch.stack([image_noise(config.seed, i * pool + k, shape) for i, k in chunk])
-                latents = sample_ode(policy, cond, num_steps=int(steps), guidance=float(g),
-                                     shift=config.shift, noise=noise)  # [b, C, H, W]
+                if config.noise_level > 0:
+                    window = list(range(min(config.sde_window, int(steps))))
+                    # Per-image step noises (seeded by image, like the initial noise): batch-size free.
+                    step_noise = {n: torch.stack([image_noise(config.seed + 7919 * (n + 1), i * pool + k, shape)
+                                                  for i, k in chunk]) for n in window}
+                    latents = sample_sde(policy, cond, num_steps=int(steps), guidance=float(g),
+                                         shift=config.shift, noise_level=config.noise_level,
+                                         sde_window=window, noise=noise, step_noise=step_noise,
+                                         cond_logprobs=False).latents  # [b, C, H, W]
+                else:
+                    latents = sample_ode(policy, cond, num_steps=int(steps), guidance=float(g),
+                                         shift=config.shift, noise=noise)  # [b, C, H, W]
                 images = policy.decode(latents).float().clamp(0, 1)  # [b, 3, H, W]
             pixels = images.permute(0, 2, 3, 1).cpu().numpy()  # [b, H, W, 3]
-            yield [_PoolImage(i, k, f"{label} g={g:g} steps={steps}", _quantise(px))
+            kind = f" sde={config.noise_level:g}" if config.noise_level > 0 else ""
+            yield [_PoolImage(i, k, f"{label} g={g:g} steps={steps}{kind}", _quantise(px))
                    for (i, k), px in zip(chunk, pixels, strict=True)]
 
 

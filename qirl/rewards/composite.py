@@ -17,6 +17,15 @@ Declared in recipes as:
         - {name: vlm_pointwise, weight: 0.5, args: {path: runs/rm_pointwise/model}}
       category_weights:            # optional: per-category overrides of the weights above
         spatial: {oracle_alignment: 2.0}
+      monitors:                    # optional: scored and logged beside the rewards, never trained on
+        - {name: vlm_pairwise, args: {path: builtin}}
+
+A monitor is the RLHF guard against leaving the reward model's data: an independent judge (another
+paradigm, seed or annotation round) whose agreement with the training reward is logged each iteration
+(`qirl.rl.grpo`, `monitor_agreement/<name>`). Reward models agree where both saw data like the policy's
+images and drift apart where the policy exploits one of them, so a falling agreement flags hacking
+without any ground truth (the ensemble-disagreement signal of e.g. Coste et al. 2024, "Reward Model
+Ensembles Help Mitigate Overoptimization", arXiv:2310.02743).
 """
 
 from __future__ import annotations
@@ -58,6 +67,7 @@ def parse_reward_spec(text: str, flag: str = "--reward") -> RewardSpec:
 class CompositeConfig:
     models: list[RewardSpec] = field(default_factory=lambda: [RewardSpec()])
     category_weights: dict[str, dict[str, float]] = field(default_factory=dict)
+    monitors: list[RewardSpec] = field(default_factory=list)
 
 
 class CompositeReward:

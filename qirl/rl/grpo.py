@@ -28,7 +28,10 @@ One iteration (design, "Data flow: GRPO iteration"):
 5. Metrics per iteration (JSONL, and TensorBoard when installed); every ``eval.every`` iterations the
    oracle scores on held-out prompts (`qirl.rl.heldout`: deterministic ODE sampling, fixed noise, a
    sample grid per task under ``<out_dir>/grids``) so reward hacking shows against the training reward.
-   Options: LoRA adapters (peft) instead of full weights, an EMA of the trained weights (used for
+   Monitors (`rewards.monitors`) are scored with the rewards but never enter the advantage; each logs
+   its mean and `monitor_agreement/<name>`, the mean over groups of the within-group Spearman between
+   the trained (combined) reward and the monitor: it falls when the policy leaves the data the reward
+   models agree on (`qirl.rewards.composite`). Options: LoRA adapters (peft) instead of full weights, an EMA of the trained weights (used for
    evaluation and export), a KL to the frozen reference in velocity or transition-mean space, and a
    window that slides towards t = 0 (MixGRPO).
 6. Atomic checkpoints (trainable weights, optimizer, numpy + torch RNG states, iteration);
@@ -54,7 +57,7 @@ from qirl.distributed import DistributedConfig, sync_gradients
 from qirl.errors import UserError
 from qirl.models.registry import PolicyOptions
 from qirl.prompt_sets import record_source
-from qirl.rewards.base import RewardRecord
+from qirl.rewards.base import RewardRecord, build_reward
 from qirl.rewards.composite import CompositeConfig, CompositeReward, RewardSpec
 from qirl.rewards.service import RewardFaultGuard, RewardService
 from qirl.rl.common import TrainOptions, TrainRun, micro_batches, step_noises, validate_common
@@ -233,6 +236,27 @@ def _stats(values: list[Tensor]) -> Tensor:
     return torch.cat([v.reshape(-1) for v in values]) if values else torch.zeros(0)
 
 
+def _nanmean(col: Tensor) -> float:
+    ok = ~col.isnan()
+    return float(col[ok].mean()) if ok.any() else float("nan")
+
+
+def group_agreement(trained: Tensor, monitor: Tensor, group_size: int) -> float:
+    """Mean over groups of Spearman(trained, monitor) within the group ([B] each, rows grouped by
+    `group_size`); groups where either is constant or has fewer than 3 valid rows are skipped (NaN if
+    all are). GRPO only uses within-group order, so this is the agreement that matters to it."""
+    from qirl.stats import spearman
+
+    values = []
+    for a, b in zip(trained.reshape(-1, group_size), monitor.reshape(-1, group_size), strict=True):
+        ok = ~(a.isnan() | b.isnan())
+        if int(ok.sum()) >= 3:
+            rho = spearman(a[ok].numpy(), b[ok].numpy())
+            if not np.isnan(rho):
+                values.append(rho)
+    return float(np.mean(values)) if values else float("nan")
+
+
 # -------------------------------------------------------------------------------------------- loop
 
 
@@ -264,7 +288,12 @@ def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
     img_size = policy.image_size  # edit sources are rendered at the decoder's size
     global_chunks = micro_batches(B, M)
     chunks = micro_batches(B_local, M)  # this rank's micro-batches
-    service = RewardService(dict(zip(names, composite.rewards, strict=True)), workers=tr.reward_workers)
+    watchers = [build_reward(spec.name, **spec.args) for spec in recipe.rewards.monitors]
+    monitor_names = [f"monitor/{m.name}" for m in watchers]
+    if len(set(monitor_names)) != len(monitor_names):
+        raise UserError(f"rewards.monitors: monitor names must be unique, got {monitor_names}")
+    monitors = dict(zip(monitor_names, watchers, strict=True))
+    service = RewardService(dict(zip(names, composite.rewards, strict=True)) | monitors, workers=tr.reward_workers)
     fault_guard = RewardFaultGuard(tr.max_nan_reward_fraction, tr.nan_reward_patience)
 
     def one_iteration(iteration: int) -> dict[str, Any]:
@@ -293,8 +322,8 @@ def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
             policy, cond, noise, chunks, spec, service, [r.prompt for r in rows[lo:hi]], reward_records,
             generator=gen, step_noise=step_noise, view=view,
         )
-        rewards, wait_s = group.rewards()
-        rewards = rewards.reshape(-1, G, len(names))  # [P_local, G, K]
+        scored, wait_s = group.rewards()  # [B_local, K + monitors]
+        rewards = scored[:, : len(names)].reshape(-1, G, len(names))  # [P_local, G, K]
         # 3. advantages (per group, so per rank) ---------------------------------------------------
         weights = composite.weights([r.category for r in local])  # [P_local, K]
         adv = advantages(rewards, weights, tr).reshape(B_local)  # [B_local]
@@ -344,8 +373,13 @@ def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
         combined = composite.combined(flat, [r.category for r in rows])
         row: dict[str, Any] = {}
         for k, name in enumerate(names):
-            col = flat[:, k]
-            row[f"reward/{name}"] = float(col[~col.isnan()].mean()) if (~col.isnan()).any() else float("nan")
+            row[f"reward/{name}"] = _nanmean(flat[:, k])
+        if monitors:
+            watched = world.gather_rows(scored[:, len(names) :].contiguous())  # [B, monitors]
+            for k, name in enumerate(monitors):
+                label = name.removeprefix("monitor/")
+                row[f"monitor/{label}"] = _nanmean(watched[:, k])
+                row[f"monitor_agreement/{label}"] = group_agreement(combined, watched[:, k], G)
         valid = ~combined.isnan()
         row.update(
             {
