@@ -34,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import kernel_cases  # noqa: E402  (the tests' input factories; switches the interpreter on without CUDA)
+
 from qirl.kernels import cfg_sde_step as sde  # noqa: E402
 from qirl.kernels import group_advantage as adv  # noqa: E402
 from qirl.kernels import velocity_mse as mse  # noqa: E402

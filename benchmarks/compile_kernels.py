@@ -48,11 +48,12 @@ def compile_all(arch: int = 90) -> list[Compiled]:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("unset TRITON_INTERPRET: it turns @triton.jit into the interpreter")
     import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
     from qirl.kernels import cfg_sde_step as sde
     from qirl.kernels import group_advantage as adv
     from qirl.kernels import velocity_mse as mse
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     target = GPUTarget("cuda", arch, 32)
     done: list[Compiled] = []

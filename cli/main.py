@@ -300,15 +300,23 @@ def score_eval(
         "data/annotations"
     ),
     max_rows: Annotated[int, typer.Option(help="Evaluate on at most N rows per split (0 = all).")] = 0,
+    dimension: Annotated[
+        list[str] | None,
+        typer.Option(help="Pointwise question(s) to ask, `dim` or `dim=weight` (repeatable): several "
+                     "score their weighted mean, the composite a GRPO recipe trains on."),
+    ] = None,
     json_out: AsJson = False,
 ) -> None:
     """Held-out pairwise accuracy against the oracle's preference and Spearman against oracle scores."""
-    from qirl.rewards.vlm import VLMReward, evaluate_reward_model
+    from qirl.rewards.vlm import DimensionMean, VLMReward, evaluate_reward_model
 
     if not (model / "config.json").exists() and (model / "model").is_dir():
         model = model / "model"
-    result = evaluate_reward_model(VLMReward.load(str(model)), str(data), max_rows=max_rows)
-    print_summary({"model": str(model), **result}, json_out, "reward model vs oracle")
+    reward = VLMReward.load(str(model))
+    scorer = DimensionMean.parse(reward, dimension) if dimension else reward
+    result = evaluate_reward_model(scorer, str(data), max_rows=max_rows)
+    extra = {"dimensions": ",".join(dimension)} if dimension else {}
+    print_summary({"model": str(model), **extra, **result}, json_out, "reward model vs oracle")
 
 
 @score_app.command("serve")

@@ -21,6 +21,7 @@ from kernel_cases import (
     rerun_in_fresh_process,
     sde_case,
 )
+
 from qirl.kernels._runtime import poison_outputs
 from qirl.kernels.cfg_sde_step import (
     cfg_sde_step_ref,

@@ -20,13 +20,13 @@ from kernel_cases import (
     reward_case,
     sde_case,
 )
+
+from qirl import ops
+from qirl.errors import UserError
 from qirl.kernels import _runtime
 from qirl.kernels import cfg_sde_step as sde_mod
 from qirl.kernels import group_advantage as adv_mod
 from qirl.kernels import velocity_mse as mse_mod
-
-from qirl import ops
-from qirl.errors import UserError
 
 needs_triton = pytest.mark.skipif(not TRITON_RUNS_HERE, reason="Triton cannot run in this process")
 cpu_only = pytest.mark.skipif(DEVICE.type != "cpu", reason="checks the CPU default")

@@ -16,6 +16,7 @@ from kernel_cases import (
     rerun_in_fresh_process,
     reward_case,
 )
+
 from qirl.kernels._runtime import poison_outputs
 from qirl.kernels.group_advantage import group_advantage_ref, group_advantage_triton
 

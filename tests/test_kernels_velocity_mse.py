@@ -17,6 +17,7 @@ from kernel_cases import (
     mse_case,
     rerun_in_fresh_process,
 )
+
 from qirl.kernels._runtime import poison_outputs
 from qirl.kernels.velocity_mse import velocity_mse_ref, velocity_mse_triton
 

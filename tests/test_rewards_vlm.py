@@ -545,3 +545,24 @@ def test_registered_by_name_and_recipes_load(tmp_path: Path) -> None:
         recipe.model.validate()
     with pytest.raises(UserError, match="model.cot"):
         VLMReward(cfg(mode="pairwise", cot=True))
+
+
+def test_dimension_mean_is_the_weighted_mean_of_the_answers(pointwise: VLMReward) -> None:
+    from qirl.rewards.vlm import DimensionMean
+
+    images, prompts, records = shapes_batch(4)
+    rows, tasks = pointwise._rows(images, records), [r.task for r in records]
+
+    def asked(dim: str) -> torch.Tensor:
+        pointwise.config.dimension = dim
+        try:
+            return pointwise.reward_rows(rows, prompts, tasks)
+        finally:
+            pointwise.config.dimension = "alignment"
+
+    mean = DimensionMean.parse(pointwise, ["alignment", "quality=3"])
+    torch.testing.assert_close(mean.reward_rows(rows, prompts, tasks), 0.25 * asked("alignment") + 0.75 * asked("quality"))
+    assert pointwise.config.dimension == "alignment"  # the question asked is put back
+    for bad, match in ((["beauty"], "unknown beauty"), (["quality=x"], "must be a number"), (["quality=0"], "positive sum")):
+        with pytest.raises(UserError, match=match):
+            DimensionMean.parse(pointwise, bad)

@@ -23,6 +23,7 @@ from qirl.rewards.base import register_reward
 from qirl.rewards.vlm.losses import bradley_terry_loss, expected_score, normalised_reward, pointwise_loss
 from qirl.rewards.vlm.model import META_FILE, VLMReward, VLMRewardConfig
 from qirl.rewards.vlm.train import (
+    DimensionMean,
     RewardData,
     RewardRun,
     RewardTrain,
@@ -33,6 +34,7 @@ from qirl.rewards.vlm.train import (
 from qirl.stats import spearman
 
 __all__ = [
+    "DimensionMean",
     "RewardData",
     "RewardRun",
     "RewardTrain",

@@ -116,6 +116,46 @@ def _subset(ds: Any, max_rows: int) -> Any:
     return ds.select(range(min(len(ds), max_rows))) if max_rows and len(ds) > max_rows else ds
 
 
+class DimensionMean:
+    """A pointwise reward asked several questions, scored as the weighted mean of the answers: the
+    composite of `recipes/t2i_rm.yaml` (alignment, fidelity, quality), as `evaluate_reward_model` sees it."""
+
+    def __init__(self, model: VLMReward, weights: dict[str, float]) -> None:
+        if model.config.mode != "pointwise":
+            raise UserError("dimensions: only a pointwise reward model answers per-dimension questions")
+        from qirl.rewards.vlm.model import DIMENSIONS
+
+        if bad := [d for d in weights if d not in DIMENSIONS]:
+            raise UserError(f"dimensions: unknown {', '.join(bad)}; expected some of {', '.join(DIMENSIONS)}")
+        if not weights or sum(weights.values()) <= 0 or min(weights.values()) < 0:
+            raise UserError(f"dimensions: weights must be >= 0 with a positive sum, got {weights}")
+        self.model, self.weights = model, weights
+
+    @classmethod
+    def parse(cls, model: VLMReward, specs: Sequence[str]) -> DimensionMean:
+        """From `dim` / `dim=weight` strings (weight 1 by default)."""
+        weights: dict[str, float] = {}
+        for spec in specs:
+            dim, _, w = spec.partition("=")
+            try:
+                weights[dim.strip()] = float(w) if w else 1.0
+            except ValueError:
+                raise UserError(f"--dimension {spec!r}: the weight must be a number") from None
+        return cls(model, weights)
+
+    def reward_rows(self, rows: Sequence[Any], prompts: Sequence[str], tasks: Sequence[str]) -> torch.Tensor:
+        asked = self.model.config.dimension
+        total = sum(self.weights.values())
+        try:
+            out = 0.0
+            for dim, w in self.weights.items():
+                self.model.config.dimension = dim
+                out = out + (w / total) * self.model.reward_rows(rows, prompts, tasks)  # [N]
+        finally:
+            self.model.config.dimension = asked
+        return out
+
+
 def evaluate_reward_model(
     model: VLMReward, dataset: Any, max_rows: int = 0, tie_eps: float = 1e-6
 ) -> dict[str, float | int]:
