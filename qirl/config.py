@@ -97,11 +97,19 @@ def load_recipe(schema: type[T], path: str | Path | None, overrides: list[str] |
     for item in overrides or []:
         if "=" not in item:
             raise UserError(f"override '{item}' is not of the form key=value")
-        key = item.split("=", 1)[0]
+        key, value = item.split("=", 1)
         try:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
-        except OmegaConfBaseException as err:
-            raise UserError(f"override '{key}': {_omegaconf_message(err)}") from None
+            if any(part.isdigit() for part in key.split(".")):
+                # A list element (`rewards.models.0.args.path=...`): a dotlist would build a dict {"0": ...}
+                # that cannot merge into the list, so set the element in place.
+                if OmegaConf.select(merged, key.rsplit(".", 1)[0], throw_on_missing=False) is None:
+                    raise UserError(f"override '{key}': no such list element in the recipe")
+                OmegaConf.update(merged, key, yaml.safe_load(value), merge=True)
+            else:
+                merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except (OmegaConfBaseException, ValueError, TypeError, IndexError, yaml.YAMLError) as err:
+            message = _omegaconf_message(err) if isinstance(err, OmegaConfBaseException) else str(err)
+            raise UserError(f"override '{key}': {message.splitlines()[0] if message else type(err).__name__}") from None
     try:
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as err:

@@ -217,3 +217,16 @@ def test_text_files_that_are_not_utf8_are_one_line_user_errors(tmp_path):
         load_checkpoint(tmp_path / "ck")
     with pytest.raises(UserError, match="missing.json: JSON file not found"):
         read_json(tmp_path / "missing.json")
+
+
+def test_overrides_reach_list_elements_and_bad_ones_are_user_errors():
+    from qirl.rl.grpo import GrpoRecipe
+
+    r = load_recipe(GrpoRecipe, "recipes/t2i_rm.yaml",
+                    ["rewards.models.0.args.path=runs/x/model", "rewards.models.2.weight=2"])
+    assert r.rewards.models[0].args == {"path": "runs/x/model", "dimension": "alignment"}
+    assert r.rewards.models[2].weight == 2.0 and r.rewards.models[1].weight == 1.0
+    for bad, match in (("rewards.models.7.weight=2", "no such list element"),
+                       ("rewards.models.0.weight=abc", "could not be converted")):
+        with pytest.raises(UserError, match=match):
+            load_recipe(GrpoRecipe, "recipes/t2i_rm.yaml", [bad])
