@@ -165,6 +165,11 @@ def test_sde_pool_is_grpo_like_and_deterministic(model_run, tmp_path):
     assert images(sde) != images(ode)
     stats = json.loads((tmp_path / "sde" / "annotations.json").read_text())["pool"]
     assert all("sde=0.7" in o for o in stats["by_origin"] if o.startswith("model"))
+    # shared_noise: a prompt's samples start from one noise (a GRPO group): still distinct images
+    shared = _run(tmp_path / "shared", **{**kw, "shared_noise": True})
+    assert images(shared) != images(sde) and len(set(images(shared))) > len(images(shared)) // 2
+    with pytest.raises(UserError, match="shared_noise needs noise_level"):
+        AnnotateConfig(shared_noise=True).validate()
 
 
 def test_a_pool_from_several_models_splits_the_slots(model_run, tmp_path):

@@ -133,6 +133,10 @@ class AnnotateConfig:
     # steps 0..sde_window-1, CFG in the rollout), i.e. the images a GRPO run actually scores.
     noise_level: float = 0.0
     sde_window: int = 4
+    # With noise_level > 0: a prompt's model samples share their initial noise and differ only by their
+    # SDE noises, as a GRPO group does (`sampling.shared_noise`), so the pairs teach the fine
+    # distinctions GRPO's per-group advantage acts on.
+    shared_noise: bool = False
     edit_fraction: float = 0.25  # share of prompts that are edit instructions
     test_fraction: float = 0.1  # share of prompts held out for the *_test splits
     pairs_per_prompt: int = 16  # same-prompt pairs drawn from each pool (at most all of them)
@@ -158,6 +162,8 @@ class AnnotateConfig:
                 raise UserError(f"{key} must be in [0, 1], got {getattr(self, key)}")
         if not 0.0 < self.test_fraction < 1.0:
             raise UserError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+        if self.shared_noise and self.noise_level <= 0:
+            raise UserError("shared_noise needs noise_level > 0 (ODE samples from one noise are identical)")
         if self.noise_level < 0 or self.sde_window < 1:
             raise UserError(f"noise_level must be >= 0 and sde_window >= 1, got {self.noise_level}, "
                             f"{self.sde_window}")
@@ -298,7 +304,8 @@ def _sample_one_model(
                    for i, _ in chunk]
             with torch.no_grad():
                 cond = policy.encode([records[i]["prompt"] for i, _ in chunk], src)
-                noise = torch.stack([image_noise(config.seed, i * pool + k, shape) for i, k in chunk])
+                noise = torch.stack([image_noise(config.seed, i * pool + (0 if config.shared_noise else k), shape)
+                                     for i, k in chunk])
                 if config.noise_level > 0:
                     window = list(range(min(config.sde_window, int(steps))))
                     # Per-image step noises (seeded by image, like the initial noise): batch-size free.
