@@ -319,6 +319,23 @@ def score_eval(
     print_summary({"model": str(model), **extra, **result}, json_out, "reward model vs oracle")
 
 
+@score_app.command("mismatch")
+@user_errors
+def score_mismatch(
+    src: Annotated[Path, typer.Argument(help="Annotation folder written by `qirl score annotate`.")],
+    out: Annotated[Path, typer.Option(help="Output annotation folder (a round to add to data.path).")],
+    fraction: Annotated[float, typer.Option(help="Share of each pointwise split's T2I rows to re-caption.")] = 0.5,
+    seed: int = 0,
+    json_out: AsJson = False,
+) -> None:
+    """Rate the same images against other prompts: hard negatives that make a reward model read the prompt."""
+    from qirl.rewards.mismatch import mismatch
+
+    summary = mismatch(src, out, fraction=fraction, seed=seed)
+    print_summary({k: v for k, v in summary.items() if k not in ("counts", "oracle_mean")}
+                  | {f"rows_{k}": v for k, v in summary["counts"].items()}, json_out, "mismatched captions")
+
+
 @score_app.command("serve")
 @user_errors
 def score_serve(

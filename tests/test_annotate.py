@@ -3,6 +3,7 @@ order, ties, disjoint test prompts, determinism, and no half-written folder afte
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -11,6 +12,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from qirl.errors import UserError
 from qirl.models.registry import load_policy
@@ -353,3 +355,35 @@ def test_refuses_to_replace_a_foreign_folder_and_bad_config(tmp_path):
     for bad in ({"n_prompts": 1}, {"perturbed_fraction": 1.5}, {"test_fraction": 0.0}, {"steps": []}):
         with pytest.raises(UserError):
             AnnotateConfig(**bad).validate()
+
+
+def test_mismatched_captions_rate_the_same_images_against_other_prompts(tmp_path):
+    """`qirl score mismatch`: same image bytes, another prompt of the same split, the oracle's verdict
+    against that prompt (so a clean render loses alignment), schema kept, written atomically."""
+    from qirl.rewards.mismatch import mismatch
+    from qirl.rewards.vlm.data import load_annotations
+
+    src = tmp_path / "src"
+    orig = _run(src, **{**RENDERS, **NOISELESS, "edit_fraction": 0.0, "test_fraction": 0.25})
+    summary = mismatch(src, tmp_path / "mm", fraction=1.0, seed=1, likert_noise=0.0, slip_rate=0.0)
+    mm = datasets.load_from_disk(str(tmp_path / "mm"))
+    assert set(mm) == {"pointwise", "pointwise_test"}
+    assert {n: len(mm[n]) for n in mm} == summary["counts"] == {n: len(orig[n]) for n in mm}
+    for name in mm:
+        assert {k: str(v) for k, v in mm[name].features.items()} == {
+            k: str(v) for k, v in orig[name].features.items()}
+        by_bytes = {r["bytes"]: p for r, p in zip(_raw(orig[name], "image")["image"], orig[name]["prompt"], strict=True)}
+        rows = zip(_raw(mm[name], "image")["image"], mm[name]["prompt"], mm[name]["oracle"], strict=True)
+        for img, prompt, oracle in rows:
+            assert prompt != by_bytes[img["bytes"]] and prompt in set(orig[name]["prompt"])
+            pixels = np.asarray(Image.open(io.BytesIO(img["bytes"])).convert("RGB"), np.float32) / 255.0
+            assert oracle == pytest.approx(judge_t2i(pixels, prompt).overall)
+    # Another prompt's clean scene is rated lower on alignment than the clean scene of its own prompt.
+    own = [a for a, o in zip(orig["pointwise"]["alignment"], orig["pointwise"]["oracle"], strict=True) if o == 100.0]
+    assert np.mean(mm["pointwise"]["alignment"]) < np.mean(own)
+    # the round adds to the source as one more data.path entry
+    union = load_annotations(f"{src},{tmp_path / 'mm'}")
+    assert len(union["pointwise"]) == 2 * len(orig["pointwise"])
+    with pytest.raises(UserError, match="fraction"):
+        mismatch(src, tmp_path / "bad", fraction=0.0)
+    assert not (tmp_path / "bad").exists()
