@@ -595,8 +595,8 @@ def test_builtin_pointwise_prefers_a_render_to_an_empty_canvas() -> None:
     assert float((margin > 0).float().mean()) >= 0.9, margin
 
 
-@pytest.mark.xfail(strict=True, reason="known gap (#15, docs/rewards.md): the built-in reward model hardly "
-                   "reads the prompt, so a clean render of another prompt's scene scores as well")
 def test_builtin_pointwise_prefers_the_asked_scene_to_another_prompts() -> None:
+    """It reads the prompt: a clean render of another prompt's scene scores lower than the asked scene.
+    (The round-0 model, trained without mismatched captions, was at chance here: docs/rewards.md.)"""
     margin = _builtin_margins(lambda x: x.roll(1, dims=0))
     assert float((margin > 0).float().mean()) >= 0.75, margin
