@@ -56,7 +56,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import combinations, product
 from pathlib import Path
@@ -382,38 +382,30 @@ def annotate(config: AnnotateConfig) -> Iterator[dict[str, Any]]:
     total = 2 * n * pool
     sources = [_quantise(render(Scene.from_dict(r["source_scene"]), size)) if r["task"] == "edit" else None
                for r in records]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
-        images: list[_PoolImage] = []
-        if config.n_model_samples > 0:
-            for batch in _sample_pool(config, policies, records, sources):
-                images += batch
-                yield {"phase": "sample", "step": len(images), "total": total}
-        images += _render_pool(config, records, size)
-        images.sort(key=lambda im: (im.prompt, im.slot))
-        t_pool = time.perf_counter()
-        yield {"phase": "render", "step": len(images), "total": total}
+    images: list[_PoolImage] = []
+    if config.n_model_samples > 0:
+        for batch in _sample_pool(config, policies, records, sources):
+            images += batch
+            yield {"phase": "sample", "step": len(images), "total": total}
+    images += _render_pool(config, records, size)
+    images.sort(key=lambda im: (im.prompt, im.slot))
+    t_pool = time.perf_counter()
+    yield {"phase": "render", "step": len(images), "total": total}
 
-        truths: list[Truth] = []
-        for j, im in enumerate(images):
-            rec = records[im.prompt]
-            if rec["task"] == "edit":
-                truths.append(judge_edit(_as_float(sources[im.prompt]), rec["prompt"], _as_float(im.pixels)))
-            else:
-                truths.append(judge_t2i(_as_float(im.pixels), rec["prompt"]))
-            if (j + 1) % 64 == 0 or j + 1 == len(images):
-                yield {"phase": "judge", "step": len(images) + j + 1, "total": total}
-        t_judge = time.perf_counter()
+    truths: list[Truth] = []
+    for j, im in enumerate(images):
+        rec = records[im.prompt]
+        if rec["task"] == "edit":
+            truths.append(judge_edit(_as_float(sources[im.prompt]), rec["prompt"], _as_float(im.pixels)))
+        else:
+            truths.append(judge_t2i(_as_float(im.pixels), rec["prompt"]))
+        if (j + 1) % 64 == 0 or j + 1 == len(images):
+            yield {"phase": "judge", "step": len(images) + j + 1, "total": total}
+    t_judge = time.perf_counter()
 
-        dd, stats = _build_splits(config, records, test, sources, images, truths)
-        was_enabled = datasets.is_progress_bar_enabled()
-        datasets.disable_progress_bars()  # the library never prints; the CLI renders progress
-        try:
-            dd.save_to_disk(str(tmp))
-        finally:
-            if was_enabled:
-                datasets.enable_progress_bars()
+    dd, stats = _build_splits(config, records, test, sources, images, truths)
+
+    def summary() -> dict[str, Any]:  # after the save, so that it can time it
         t_write = time.perf_counter()
         by_origin: dict[str, list[Truth]] = {}
         for im, t in zip(images, truths, strict=True):
@@ -428,14 +420,9 @@ def annotate(config: AnnotateConfig) -> Iterator[dict[str, Any]]:
         stats["seconds"] = {"pool": _r(t_pool - t0), "judge": _r(t_judge - t_pool),
                             "write": _r(t_write - t_judge), "total": _r(t_write - t0)}
         stats["config"] = asdict(config)
-        (tmp / "annotations.json").write_text(json.dumps(stats, indent=1) + "\n", encoding="utf-8")
-        publish_mode(tmp)  # mkdtemp makes it private; the finished dataset is not
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        return stats
+
+    publish_annotations(dd, out, summary)
     yield {
         "done": True, "out": str(out), "images": len(images), **stats["counts"],
         "tie_rate": stats["pairwise"]["tie_rate"], "pairwise_agreement": stats["agreement"]["pairwise"],
@@ -444,6 +431,30 @@ def annotate(config: AnnotateConfig) -> Iterator[dict[str, Any]]:
         "spearman_noisy": stats["agreement"]["spearman_vs_oracle"]["noisy"]["sum"],
         "seconds": stats["seconds"]["total"],
     }
+
+
+def publish_annotations(dd: datasets.DatasetDict, out: Path, summary: Callable[[], dict[str, Any]]) -> None:
+    """Save `dd` and `annotations.json` (`summary()`, called after the save) under a temporary name beside
+    `out`, then rename it into place: an interrupted write leaves nothing half-written, and an existing
+    `out` is replaced only by a complete dataset."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        was_enabled = datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bars()  # the library never prints; the CLI renders progress
+        try:
+            dd.save_to_disk(str(tmp))
+        finally:
+            if was_enabled:
+                datasets.enable_progress_bars()
+        (tmp / "annotations.json").write_text(json.dumps(summary(), indent=1) + "\n", encoding="utf-8")
+        publish_mode(tmp)  # mkdtemp makes it private; the finished dataset is not
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _build_splits(

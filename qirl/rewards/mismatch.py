@@ -21,9 +21,6 @@ held out. Written under a temporary name and renamed into place, like `annotate`
 from __future__ import annotations
 
 import io
-import json
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -32,9 +29,8 @@ import datasets
 import numpy as np
 from PIL import Image
 
-from qirl.data import publish_mode
 from qirl.errors import UserError
-from qirl.rewards.annotate import LIKERT_DIMS, POINTWISE_FEATURES, noisy_likert
+from qirl.rewards.annotate import LIKERT_DIMS, POINTWISE_FEATURES, noisy_likert, publish_annotations
 from qirl.shapes.judge import judge_t2i
 
 SPLITS = ("pointwise", "pointwise_test")
@@ -94,22 +90,5 @@ def mismatch(src: str | Path, out: str | Path, fraction: float = 0.5, seed: int 
                "counts": {name: len(ds) for name, ds in dd.items()},
                "oracle_mean": {name: float(np.mean(ds["oracle"])) if len(ds) else None for name, ds in dd.items()},
                "seconds": round(time.perf_counter() - t0, 1)}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
-        was_enabled = datasets.is_progress_bar_enabled()
-        datasets.disable_progress_bars()
-        try:
-            dd.save_to_disk(str(tmp))
-        finally:
-            if was_enabled:
-                datasets.enable_progress_bars()
-        (tmp / "annotations.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
-        publish_mode(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    publish_annotations(dd, out, lambda: summary)
     return summary
