@@ -104,10 +104,10 @@ def load_recipe(schema: type[T], path: str | Path | None, overrides: list[str] |
                 # that cannot merge into the list, so set the element in place.
                 if OmegaConf.select(merged, key.rsplit(".", 1)[0], throw_on_missing=False) is None:
                     raise UserError(f"override '{key}': no such list element in the recipe")
-                OmegaConf.update(merged, key, yaml.safe_load(value), merge=True)
+                OmegaConf.update(merged, key, OmegaConf.from_dotlist([f"v={value}"]).v, merge=True)
             else:
                 merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
-        except (OmegaConfBaseException, ValueError, TypeError, IndexError, yaml.YAMLError) as err:
+        except (OmegaConfBaseException, ValueError, TypeError, IndexError) as err:
             message = _omegaconf_message(err) if isinstance(err, OmegaConfBaseException) else str(err)
             raise UserError(f"override '{key}': {message.splitlines()[0] if message else type(err).__name__}") from None
     try:

@@ -21,11 +21,13 @@ Declared in recipes as:
         - {name: vlm_pairwise, args: {path: builtin}}
 
 A monitor is the RLHF guard against leaving the reward model's data: an independent judge (another
-paradigm, seed or annotation round) whose agreement with the training reward is logged each iteration
-(`qirl.rl.grpo`, `monitor_agreement/<name>`). Reward models agree where both saw data like the policy's
-images and drift apart where the policy exploits one of them, so a falling agreement flags hacking
-without any ground truth (the ensemble-disagreement signal of e.g. Coste et al. 2024, "Reward Model
-Ensembles Help Mitigate Overoptimization", arXiv:2310.02743).
+paradigm, seed or annotation round) logged each iteration beside the training reward (`qirl.rl.grpo`:
+its mean `monitor/<name>` and its within-group agreement `monitor_agreement/<name>`). Reward models
+agree where both saw data like the policy's images and drift apart where the policy exploits one of
+them (the ensemble-disagreement signal of Coste et al. 2024, "Reward Model Ensembles Help Mitigate
+Overoptimization", arXiv:2310.02743). Measured on Shapes (docs/grpo.md): in a hacked run the monitor's
+mean fell while the trained reward rose; its within-group agreement was near 0 in every run, so the
+mean is the signal to watch at that scale.
 """
 
 from __future__ import annotations

@@ -39,9 +39,10 @@ SPLITS = ("pointwise", "pointwise_test")
 def _mismatched_split(ds: Any, fraction: float, rng: np.random.Generator, noise: float, slip: float) -> dict:
     raw = ds.cast_column("image", datasets.Image(decode=False)).cast_column(
         "source_image", datasets.Image(decode=False))
+    asked, cats = raw["prompt"], raw["category"]
     t2i = [i for i, task in enumerate(raw["task"]) if task == "t2i"]
-    prompts = sorted({raw[i]["prompt"] for i in t2i})
-    category = {raw[i]["prompt"]: raw[i]["category"] for i in t2i}
+    prompts = sorted({asked[i] for i in t2i})
+    category = {asked[i]: cats[i] for i in t2i}
     cols: dict[str, list[Any]] = {k: [] for k in POINTWISE_FEATURES}
     if len(prompts) < 2:
         return cols

@@ -28,10 +28,10 @@ One iteration (design, "Data flow: GRPO iteration"):
 5. Metrics per iteration (JSONL, and TensorBoard when installed); every ``eval.every`` iterations the
    oracle scores on held-out prompts (`qirl.rl.heldout`: deterministic ODE sampling, fixed noise, a
    sample grid per task under ``<out_dir>/grids``) so reward hacking shows against the training reward.
-   Monitors (`rewards.monitors`) are scored with the rewards but never enter the advantage; each logs
-   its mean and `monitor_agreement/<name>`, the mean over groups of the within-group Spearman between
-   the trained (combined) reward and the monitor: it falls when the policy leaves the data the reward
-   models agree on (`qirl.rewards.composite`). Options: LoRA adapters (peft) instead of full weights, an EMA of the trained weights (used for
+   Monitors (`rewards.monitors`, `qirl.rewards.composite`) are scored with the rewards but never enter
+   the advantage; each logs its mean `monitor/<name>` and `monitor_agreement/<name>`, the mean over
+   groups of the within-group Spearman between the trained (combined) reward and the monitor.
+   Options: LoRA adapters (peft) instead of full weights, an EMA of the trained weights (used for
    evaluation and export), a KL to the frozen reference in velocity or transition-mean space, and a
    window that slides towards t = 0 (MixGRPO).
 6. Atomic checkpoints (trainable weights, optimizer, numpy + torch RNG states, iteration);
@@ -288,12 +288,14 @@ def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
     img_size = policy.image_size  # edit sources are rendered at the decoder's size
     global_chunks = micro_batches(B, M)
     chunks = micro_batches(B_local, M)  # this rank's micro-batches
-    watchers = [build_reward(spec.name, **spec.args) for spec in recipe.rewards.monitors]
-    monitor_names = [f"monitor/{m.name}" for m in watchers]
-    if len(set(monitor_names)) != len(monitor_names):
-        raise UserError(f"rewards.monitors: monitor names must be unique, got {monitor_names}")
-    monitors = dict(zip(monitor_names, watchers, strict=True))
-    service = RewardService(dict(zip(names, composite.rewards, strict=True)) | monitors, workers=tr.reward_workers)
+    monitors = [build_reward(spec.name, **spec.args) for spec in recipe.rewards.monitors]
+    monitor_labels = [m.name for m in monitors]
+    if len(set(monitor_labels)) != len(monitor_labels):
+        raise UserError(f"rewards.monitors: monitor names must be unique, got {monitor_labels}")
+    # Prefixed in the service: a monitor may be the same model as a trained reward (e.g. the oracle).
+    scorers = dict(zip(names, composite.rewards, strict=True))
+    scorers |= {f"monitor/{label}": m for label, m in zip(monitor_labels, monitors, strict=True)}
+    service = RewardService(scorers, workers=tr.reward_workers)
     fault_guard = RewardFaultGuard(tr.max_nan_reward_fraction, tr.nan_reward_patience)
 
     def one_iteration(iteration: int) -> dict[str, Any]:
@@ -376,8 +378,7 @@ def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
             row[f"reward/{name}"] = _nanmean(flat[:, k])
         if monitors:
             watched = world.gather_rows(scored[:, len(names) :].contiguous())  # [B, monitors]
-            for k, name in enumerate(monitors):
-                label = name.removeprefix("monitor/")
+            for k, label in enumerate(monitor_labels):
                 row[f"monitor/{label}"] = _nanmean(watched[:, k])
                 row[f"monitor_agreement/{label}"] = group_agreement(combined, watched[:, k], G)
         valid = ~combined.isnan()
