@@ -292,6 +292,21 @@ def score_train(
     _run_recipe(RewardTrainRecipe, train_reward_model, recipe, overrides, resume, "train reward model", quiet, json_out)
 
 
+@score_app.command("pretrain")
+@user_errors
+def score_pretrain(
+    recipe: Annotated[Path, typer.Argument(help="Caption-pretraining recipe (e.g. recipes/vlm_pretrain.yaml).")],
+    overrides: Overrides = None,
+    resume: Resume = False,
+    quiet: Quiet = False,
+    json_out: AsJson = False,
+) -> None:
+    """Caption-pretrain the embedded VLM on Shapes renders: the perception a reward model starts from."""
+    from qirl.rewards.vlm.pretrain import CaptionPretrainRecipe, pretrain_vlm
+
+    _run_recipe(CaptionPretrainRecipe, pretrain_vlm, recipe, overrides, resume, "caption pretraining", quiet, json_out)
+
+
 @score_app.command("eval")
 @user_errors
 def score_eval(

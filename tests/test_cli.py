@@ -71,6 +71,7 @@ def test_sample_is_deterministic_and_batch_independent(tmp_path):
         (None, ["pretrain", "{tmp}/missing.yaml"], "recipe file not found"),
         ("recipe", ["pretrain", "{tmp}/r.yaml"], "lrr"),
         (None, ["pretrain", "recipes/pretrain.yaml", "train.nope=1"], "train.nope"),
+        (None, ["score", "pretrain", "recipes/vlm_pretrain.yaml", "model.mode=pairwise"], "model.mode=pointwise"),
         ("badjsonl", ["sample", "--prompts", "{tmp}/p.jsonl", "--out", "{tmp}/o"], "p.jsonl:2"),
         ("emptyjsonl", ["sample", "--prompts", "{tmp}/p.jsonl", "--out", "{tmp}/o"], "no prompts"),
         (None, ["sample", "--model", "{tmp}/nomodel", "--prompt", "a red circle", "--out", "{tmp}/o"], "no such folder"),

@@ -29,6 +29,7 @@ from qirl.rewards.vlm import (
 )
 from qirl.rewards.vlm.backbone import last_positions, score_token_ids
 from qirl.rewards.vlm.data import load_annotations
+from qirl.rewards.vlm.losses import within_group_rank_loss
 from qirl.rewards.vlm.model import MarkerStop
 from qirl.rewards.vlm.prompting import (
     MARKER,
@@ -39,6 +40,7 @@ from qirl.rewards.vlm.prompting import (
     split_at_marker,
 )
 from qirl.rewards.vlm.tokenizer import ASSET_DIR, SCORE_TOKENS, load_embedded_tokenizer
+from qirl.rewards.vlm.train import _grouped_batch
 from qirl.shapes import random_edit_record, random_t2i_record
 from qirl.shapes.scene import Scene
 from qirl.stats import rankdata
@@ -329,6 +331,31 @@ def test_pointwise_loss_by_hand() -> None:
     torch.testing.assert_close(parts["ce"], ce)
 
 
+def test_within_group_rank_loss_by_hand() -> None:
+    e = torch.tensor([3.0, 2.0, 4.0, 1.0, 1.5])
+    labels = torch.tensor([4, 2, 4, 1, 3])
+    groups = torch.tensor([0, 0, 0, 1, 1])
+    # Group 0: pairs with differing labels (0 over 1) and (2 over 1); the tie (0, 2) is skipped.
+    # Group 1: 4 over 3. Image 3 and image 1 are in different groups: never compared.
+    expected = -(
+        torch.nn.functional.logsigmoid(torch.tensor(2.0 * (3.0 - 2.0)))
+        + torch.nn.functional.logsigmoid(torch.tensor(2.0 * (4.0 - 2.0)))
+        + torch.nn.functional.logsigmoid(torch.tensor(2.0 * (1.5 - 1.0)))
+    ) / 3
+    torch.testing.assert_close(within_group_rank_loss(e, labels, groups), expected)
+    assert within_group_rank_loss(e, torch.full((5,), 3), groups) is None  # all tied
+
+
+def test_grouped_batches_are_runs_of_one_prompt() -> None:
+    by_prompt = [np.array([0, 1, 2]), np.array([3, 4]), np.array([5, 6, 7, 8])]
+    prompt_of = {i: g for g, rows in enumerate(by_prompt) for i in rows.tolist()}
+    idx = _grouped_batch(by_prompt, n_groups=3, group_size=4, rng=np.random.default_rng(0))
+    assert len(idx) == 12
+    runs = [{prompt_of[i] for i in idx[k : k + 4]} for k in range(0, 12, 4)]
+    assert all(len(r) == 1 for r in runs)  # each run of 4 is one prompt (drawn with replacement if short)
+    assert sorted(next(iter(r)) for r in runs) == [0, 1, 2]  # three distinct prompts
+
+
 def test_spearman_with_ties() -> None:
     assert rankdata(torch.tensor([10.0, 20.0, 20.0, 5.0])).tolist() == [2.0, 3.5, 3.5, 1.0]
     x = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
@@ -483,6 +510,28 @@ def test_cot_training_step_runs_and_resumes_exactly(toy_dir: Path, tmp_path: Pat
     a = load_checkpoint(latest_checkpoint(tmp_path / "full")).tensors["model"]
     b = load_checkpoint(latest_checkpoint(tmp_path / "cut")).tensors["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_grouped_ranking_training_runs_resumes_and_checks_its_settings(toy_dir: Path, tmp_path: Path) -> None:
+    args = ("train.group_size=4", "train.rank_weight=1.0", "train.steps=4", "run.checkpoint_every=2",
+            "run.log_every=1", "data.max_eval=4")
+    full = list(train_reward_model(tiny_train(toy_dir, tmp_path / "full", *args)))
+    assert full[-1]["done"] and any("rank" in r for r in full[:-1])
+    cut = tiny_train(toy_dir, tmp_path / "cut", *args)
+    for row in train_reward_model(cut):
+        if row.get("step") == 3:
+            break
+    list(train_reward_model(cut, resume=True))
+    a = load_checkpoint(latest_checkpoint(tmp_path / "full")).tensors["model"]
+    b = load_checkpoint(latest_checkpoint(tmp_path / "cut")).tensors["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for bad, match in [
+        (("train.group_size=3",), "divide"),
+        (("train.rank_weight=1.0",), "group_size >= 2"),
+        (("train.group_size=2", "model.mode=pairwise"), "pointwise reward models"),
+    ]:
+        with pytest.raises(UserError, match=match):
+            next(train_reward_model(tiny_train(toy_dir, tmp_path / "bad", *bad)))
 
 
 # ------------------------------------------------------------------------------------------ save / load, registry

@@ -14,6 +14,17 @@ correction: at most 1, and under 0.06 once E is within one point of y, against a
 start. With chain of thought the target is "<reasoning> Score: k" under teacher forcing, and the
 mean token cross-entropy of the reasoning and marker tokens is added with weight lambda_lm.
 
+Within-prompt ranking (optional, `train.rank_weight`; RankNet, Burges et al. 2005, as ImageReward trains
+on its per-prompt rankings). A GRPO reward only has to order the images of one prompt's group, and the
+pointwise loss spends most of its gradient on what separates prompts (a three-object scene rates lower
+than a one-object one). When a batch holds several images of each prompt, all asked the same dimension,
+every two of them with different labels y_i > y_j add
+
+    L_rank = -log sigmoid(s (E_i - E_j)),   s = 2 per Likert point
+
+averaged over such pairs. It uses the same pointwise labels (no new annotation) and the reward is still
+the expectation E; the term only points the gradient at the within-group differences.
+
 Pairwise (Bradley-Terry 1952, as in the report's pairwise baseline): with r_a, r_b the scalar head's
 outputs, d = r_a - r_b and the label l = 1 (a preferred), 0 (b preferred) or 0.5 (tie),
 
@@ -58,6 +69,21 @@ def pointwise_loss(
     ce = F.cross_entropy(logits5, labels.long() - 1)
     reg = (((expected_score(logits5) - labels.float()) / 4.0) ** 2).mean()
     return ce + regression_weight * reg, {"ce": ce.detach(), "reg": reg.detach()}
+
+
+RANK_SCALE = 2.0  # s in L_rank: a one-point expectation gap gives sigmoid(2) = 0.88
+
+
+def within_group_rank_loss(expectations: Tensor, labels: Tensor, groups: Tensor) -> Tensor | None:
+    """L_rank of the module docstring. expectations [B] (E in [1, 5]), labels [B] Likert ints, groups [B]
+    ids (same id = same prompt and dimension). None when no two images of a group differ in label."""
+    e, y, g = expectations.float(), labels.to(expectations.device).float(), groups.to(expectations.device)
+    same = g[:, None] == g[None, :]  # [B, B]
+    better = same & (y[:, None] > y[None, :])  # [B, B] pair (i, j) with y_i > y_j
+    if not better.any():
+        return None
+    d = e[:, None] - e[None, :]  # [B, B] E_i - E_j
+    return -F.logsigmoid(RANK_SCALE * d[better]).mean()
 
 
 def bradley_terry_loss(r_a: Tensor, r_b: Tensor, label: Tensor) -> Tensor:

@@ -45,7 +45,13 @@ from qirl.rewards.vlm.data import (
     quiet_progress,
     require,
 )
-from qirl.rewards.vlm.losses import bradley_terry_loss, lm_loss, pointwise_loss
+from qirl.rewards.vlm.losses import (
+    bradley_terry_loss,
+    expected_score,
+    lm_loss,
+    pointwise_loss,
+    within_group_rank_loss,
+)
 from qirl.rewards.vlm.model import VLMReward, VLMRewardConfig
 from qirl.rewards.vlm.prompting import MARKER, answer_prefix, reasoning_text
 from qirl.runlog import append_metrics, checkpoint_to_resume, start_metrics
@@ -70,6 +76,10 @@ class RewardTrain:
     warmup_steps: int = 20
     grad_clip: float = 1.0
     regression_weight: float = 1.0  # pointwise: weight of ((E - y) / 4)^2 beside the CE (losses.py)
+    # Pointwise: draw each batch as batch_size / group_size prompts x group_size of their images, all asked
+    # one dimension, and add rank_weight x the within-prompt ranking term (losses.py). 1 / 0.0: plain rows.
+    group_size: int = 1
+    rank_weight: float = 0.0
     lm_weight: float = 1.0  # CoT: weight of the reasoning tokens' LM loss
     freeze_vision: bool = False  # train the decoder (and head) only
     gradient_checkpointing: bool = False  # for large checkpoints
@@ -235,12 +245,16 @@ def _truncate_words(rm: VLMReward, text: str, max_tokens: int) -> str:
 def _pointwise_step(
     rm: VLMReward, rows: list[dict], recipe: RewardTrainRecipe, rng: np.random.Generator
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    images, prompts, tasks, dims, labels, completions = [], [], [], [], [], []
-    for r in rows:
+    """One pointwise batch. Consecutive runs of `train.group_size` rows are one prompt's images and are
+    asked one dimension, so the ranking term can compare them."""
+    images, prompts, tasks, dims, labels, completions, groups = [], [], [], [], [], [], []
+    group_size = recipe.train.group_size
+    for i, r in enumerate(rows):
         img = image_row(r, "image", "pointwise")
+        if i % group_size == 0:  # a new group: draw its dimension
+            dim = recipe.data.dimensions[int(rng.integers(len(recipe.data.dimensions)))]
         if img is None:
             continue
-        dim = recipe.data.dimensions[int(rng.integers(len(recipe.data.dimensions)))]
         reasoning = None
         if recipe.model.cot:
             reasoning = _truncate_words(rm, reasoning_text(r.get("reasons")), recipe.model.max_cot_tokens)
@@ -252,6 +266,7 @@ def _pointwise_step(
         tasks.append(r["task"])
         dims.append(dim)
         labels.append(int(label))
+        groups.append(i // group_size)
         completions.append(answer_prefix(reasoning))
     if not images:
         raise UserError("pointwise: a batch had no usable rows (edit rows without source_image?)")
@@ -265,6 +280,11 @@ def _pointwise_step(
         "reg": float(parts["reg"]),
         "label_acc": float((logits5.argmax(-1).cpu() + 1 == y).float().mean()),
     }
+    if recipe.train.rank_weight > 0:
+        rank = within_group_rank_loss(expected_score(logits5), y, torch.tensor(groups))
+        if rank is not None:
+            loss = loss + recipe.train.rank_weight * rank
+            metrics["rank"] = float(rank.detach())
     if recipe.model.cot:
         # Position t predicts token t + 1: every completion token except the score is an LM target.
         target_mask = batch["completion_mask"][:, 1:].to(hidden.device)  # [B, L-1]
@@ -338,6 +358,12 @@ def _check(recipe: RewardTrainRecipe) -> None:
         raise UserError("train.steps, train.batch_size and train.lr must be positive")
     if recipe.run.log_every < 1 or recipe.run.checkpoint_every < 1:
         raise UserError("run.log_every and run.checkpoint_every must be positive")
+    if t.group_size < 1 or t.batch_size % t.group_size or t.rank_weight < 0:
+        raise UserError("train.group_size must divide train.batch_size and train.rank_weight be >= 0")
+    if t.rank_weight > 0 and t.group_size < 2:
+        raise UserError("train.rank_weight needs train.group_size >= 2 (images of one prompt to rank)")
+    if recipe.model.mode != "pointwise" and (t.group_size > 1 or t.rank_weight > 0):
+        raise UserError("train.group_size and train.rank_weight are for pointwise reward models")
     if t.init_from and recipe.model.path:
         raise UserError("train.init_from and model.path both name weights to start from; set one")
 
@@ -354,6 +380,30 @@ def _initial_model(recipe: RewardTrainRecipe) -> VLMReward:
         raise UserError(f"train.init_from={recipe.train.init_from}: a {rm.config.mode} reward model, "
                         f"the recipe trains a {m.mode} one (model.mode)")
     return rm
+
+
+def _rows_by_prompt(ds: Any) -> list[np.ndarray]:
+    """Row indices of each prompt with at least two images (a ranking needs two)."""
+    groups: dict[str, list[int]] = {}
+    for i, prompt in enumerate(ds["prompt"]):
+        groups.setdefault(prompt, []).append(i)
+    kept = [np.asarray(g) for g in groups.values() if len(g) >= 2]
+    if not kept:
+        raise UserError("train.group_size > 1: no prompt of the training split has two images")
+    return kept
+
+
+def _grouped_batch(
+    by_prompt: list[np.ndarray], n_groups: int, group_size: int, rng: np.random.Generator
+) -> list[int]:
+    """n_groups distinct prompts x group_size of their rows (with replacement when a prompt has fewer),
+    laid out group after group."""
+    picked = rng.choice(len(by_prompt), size=min(n_groups, len(by_prompt)), replace=False)
+    idx: list[int] = []
+    for p in picked:
+        rows = by_prompt[int(p)]
+        idx.extend(int(i) for i in rng.choice(rows, size=group_size, replace=len(rows) < group_size))
+    return idx
 
 
 def train_reward_model(recipe: RewardTrainRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
@@ -411,9 +461,13 @@ def train_reward_model(recipe: RewardTrainRecipe, resume: bool = False) -> Itera
     train = recipe.train
     t_start, start_step = time.perf_counter(), step
     window: dict[str, list[float]] = {}
+    by_prompt = _rows_by_prompt(ds) if train.group_size > 1 else None
     while step < train.steps:
         t0 = time.perf_counter()
-        idx = data_rng.choice(len(ds), size=min(train.batch_size, len(ds)), replace=False)
+        if by_prompt is None:
+            idx = data_rng.choice(len(ds), size=min(train.batch_size, len(ds)), replace=False)
+        else:
+            idx = _grouped_batch(by_prompt, train.batch_size // train.group_size, train.group_size, data_rng)
         rows = [ds[int(i)] for i in idx]
         for group in opt.param_groups:
             group["lr"] = lr_at(step, train.lr, train.warmup_steps, train.steps)
