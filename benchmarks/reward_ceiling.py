@@ -50,13 +50,13 @@ def cnn() -> nn.Module:
     )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True, help="annotation folder scored (its pointwise_test split)")
     ap.add_argument("--train", default="", help="annotation folder the CNN learns from (its pointwise split)")
     ap.add_argument("--cnn-steps", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     test = load_annotations(args.data)["pointwise_test"]
     oracle = torch.tensor(test["oracle"], dtype=torch.float64)
@@ -81,6 +81,7 @@ def main() -> None:
         out["cnn"], _ = pair_accuracy(s[ia], s[ib], oracle[ia], oracle[ib], 1e-6)
         out["cnn_steps"] = args.cnn_steps
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}, indent=1))
+    return out
 
 
 if __name__ == "__main__":

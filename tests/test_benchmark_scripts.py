@@ -57,3 +57,21 @@ def test_word_sensitivity_is_zero_for_a_word_the_model_ignores() -> None:
     assert all(row["wrong colour"] > 0 and row["loss"] > 0 for row in gap.values()), gap
     deaf_gap = module.loss_gap(Deaf(), n=8, noises=1)
     assert all(row["wrong shape"] == 0 == row["wrong colour"] for row in deaf_gap.values()), deaf_gap
+
+
+def test_reward_ceiling_pairs_one_prompts_images_and_scores_both_references(tmp_path: Path) -> None:
+    """`reward_ceiling.py` on a tiny render-only annotation set: pairs stay within a prompt, and the
+    labels' and the CNN's accuracies are accuracies."""
+    from qirl.rewards.annotate import AnnotateConfig, annotate
+
+    spec = importlib.util.spec_from_file_location("reward_ceiling", BENCH.parent / "reward_ceiling.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    a, b = module.same_prompt_pairs(["x", "y", "x", "x", "y"])
+    assert sorted(zip(a.tolist(), b.tolist(), strict=True)) == [(0, 2), (0, 3), (1, 4), (2, 3)]
+
+    out = tmp_path / "ann"
+    list(annotate(AnnotateConfig(out_dir=str(out), n_prompts=8, samples_per_prompt=4, perturbed_fraction=1.0,
+                                 edit_fraction=0.0, test_fraction=0.5, pairs_per_prompt=1)))
+    result = module.main(["--data", str(out), "--cnn-steps", "2"])
+    assert result["pairs"] > 0 and 0.0 <= result["labels"] <= 1.0 and 0.0 <= result["cnn"] <= 1.0
