@@ -37,15 +37,12 @@ from qirl.errors import UserError
 from qirl.rewards.vlm import backbone as bb
 from qirl.rewards.vlm.losses import lm_loss
 from qirl.rewards.vlm.model import VLMReward, VLMRewardConfig
-from qirl.rewards.vlm.prompting import SYSTEM
+from qirl.rewards.vlm.prompting import _CHATML, _VISION, SYSTEM
 from qirl.runlog import append_metrics, checkpoint_to_resume, start_metrics
 from qirl.schedules import lr_at
 from qirl.shapes import random_t2i_record
 from qirl.shapes.render import render_numpy
 from qirl.shapes.scene import Scene
-
-_CHATML = "<|im_start|>{role}\n{content}<|im_end|>\n"
-_VISION = "<|vision_start|><|image_pad|><|vision_end|>"
 
 
 @dataclass
