@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, normalizers
-from vlm_cases import shapes_batch
+from vlm_cases import one_thread, shapes_batch  # noqa: F401  (one_thread: autouse)
 
 from qirl.checkpoint import latest_checkpoint, load_checkpoint
 from qirl.config import load_recipe
@@ -47,15 +46,6 @@ from qirl.stats import rankdata
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: as fast for a model this small, and immune to OpenMP spin-waiting when the
-    shared CPU is oversubscribed (two threads on a busy 2-core machine made a forward 70x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def cfg(**kw) -> VLMRewardConfig:  # noqa: ANN003
@@ -510,6 +500,26 @@ def test_cot_training_step_runs_and_resumes_exactly(toy_dir: Path, tmp_path: Pat
     a = load_checkpoint(latest_checkpoint(tmp_path / "full")).tensors["model"]
     b = load_checkpoint(latest_checkpoint(tmp_path / "cut")).tensors["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_grouped_batch_asks_each_prompt_one_dimension(toy_dir: Path, tmp_path: Path) -> None:
+    """The ranking term compares images within a group, so a group must share its question; across
+    groups the dimensions still vary."""
+    from qirl.rewards.vlm.train import _pointwise_step
+
+    recipe = tiny_train(toy_dir, tmp_path / "run", "data.dimensions=[quality,fidelity,alignment]",
+                        "train.group_size=4", "train.rank_weight=1.0", "train.batch_size=32")
+    rm = VLMReward(cfg())
+    asked: list[list[str]] = []
+    encode = rm.encode
+    rm.encode = lambda images, prompts, tasks, completions, dims: (asked.append(list(dims)),  # type: ignore[method-assign]
+                                                                   encode(images, prompts, tasks, completions, dims))[1]
+    rows = [load_annotations(toy_dir)["pointwise"][i] for i in range(32)]
+    _, parts = _pointwise_step(rm, rows, recipe, np.random.default_rng(0))
+    groups = [asked[0][k : k + 4] for k in range(0, 32, 4)]
+    assert all(len(set(g)) == 1 for g in groups)
+    assert len({g[0] for g in groups}) > 1  # 8 draws of 3 dimensions
+    assert "rank" in parts
 
 
 def test_grouped_ranking_training_runs_resumes_and_checks_its_settings(toy_dir: Path, tmp_path: Path) -> None:

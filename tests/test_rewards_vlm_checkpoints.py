@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForImageTextToText
-from vlm_cases import shapes_batch
+from vlm_cases import one_thread, shapes_batch  # noqa: F401  (one_thread: autouse)
 
 from qirl.errors import UserError
 from qirl.models.qwen_vl import ImageOnlyQwen3VLProcessor, ImageOnlyQwenVLProcessor
@@ -27,14 +26,6 @@ PROCESSORS = {"qwen2.5-vl": ImageOnlyQwenVLProcessor, "qwen3-vl": ImageOnlyQwen3
 MODEL_TYPES = {"qwen2.5-vl": "qwen2_5_vl", "qwen3-vl": "qwen3_vl"}
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: as fast at this size, and immune to spin-waiting on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

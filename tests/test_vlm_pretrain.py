@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from vlm_cases import one_thread  # noqa: F401  (autouse: one intra-op thread)
 
 from qirl.checkpoint import latest_checkpoint, load_checkpoint
 from qirl.config import load_recipe
@@ -22,14 +22,6 @@ from qirl.rewards.vlm.pretrain import (
 )
 from qirl.rewards.vlm.tiny import build_tiny_checkpoint
 from qirl.shapes.caption_parse import parse_caption
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def recipe(out: Path, *extra: str) -> CaptionPretrainRecipe:
