@@ -225,3 +225,12 @@ def hidden_states(model: Any, batch: dict[str, Tensor], device: torch.device) ->
     """Last-layer hidden states [B, L, H] (after the final norm, i.e. what the LM head reads)."""
     out = model.base_model(**model_inputs(batch, device), use_cache=False)
     return out.last_hidden_state
+
+
+def completion_token_logits(model: Any, hidden: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """[B, L, H] hidden states of an `encode` batch -> (logits [N, V], targets [N]) of its completion
+    tokens under teacher forcing: position t predicts token t + 1, for every completion token."""
+    target_mask = batch["completion_mask"][:, 1:].to(hidden.device)  # [B, L-1]
+    logits = model.get_output_embeddings()(hidden[:, :-1][target_mask])  # [N, V]
+    targets = batch["input_ids"][:, 1:].to(hidden.device)[target_mask]  # [N]
+    return logits, targets

@@ -37,7 +37,7 @@ from qirl.errors import UserError
 from qirl.rewards.vlm import backbone as bb
 from qirl.rewards.vlm.losses import lm_loss
 from qirl.rewards.vlm.model import VLMReward, VLMRewardConfig
-from qirl.rewards.vlm.prompting import _CHATML, _VISION, SYSTEM
+from qirl.rewards.vlm.prompting import _CHATML, _VISION, SYSTEM, has_chat_template
 from qirl.runlog import append_metrics, checkpoint_to_resume, start_metrics
 from qirl.schedules import lr_at
 from qirl.shapes import random_t2i_record
@@ -74,8 +74,7 @@ class CaptionPretrainRecipe:
 
 def caption_prompt(processor: Any) -> str:
     """The chat text up to the assistant's answer: the system turn, then a user turn holding the image."""
-    template = getattr(processor, "chat_template", None) or getattr(processor.tokenizer, "chat_template", None)
-    if template:
+    if has_chat_template(processor):
         messages = [
             {"role": "system", "content": [{"type": "text", "text": SYSTEM}]},
             {"role": "user", "content": [{"type": "image"}]},
@@ -98,11 +97,7 @@ def caption_loss(rm: VLMReward, images: Sequence[Image.Image], captions: Sequenc
     """(mean caption-token cross-entropy, token accuracy) under teacher forcing."""
     prompt = caption_prompt(rm.processor)
     batch = bb.encode(rm.processor, [[im] for im in images], [prompt] * len(images), list(captions))
-    hidden = rm.hidden(batch)  # [B, L, H]
-    # Position t predicts token t + 1: every caption token is a target.
-    target_mask = batch["completion_mask"][:, 1:].to(hidden.device)  # [B, L-1]
-    logits = rm.model.get_output_embeddings()(hidden[:, :-1][target_mask])  # [N, V]
-    targets = batch["input_ids"][:, 1:].to(hidden.device)[target_mask]  # [N]
+    logits, targets = bb.completion_token_logits(rm.model, rm.hidden(batch), batch)  # [N, V], [N]
     accuracy = float((logits.argmax(-1) == targets).float().mean()) if targets.numel() else float("nan")
     return lm_loss(logits, targets), accuracy
 

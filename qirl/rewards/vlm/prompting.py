@@ -68,12 +68,14 @@ def simple_chat(prompt: str, dimension: str, task: str) -> str:
     )
 
 
+def has_chat_template(processor: Any) -> bool:
+    """Whether the checkpoint ships a chat template (a real Qwen-VL); the embedded tokenizer has none."""
+    return bool(getattr(processor, "chat_template", None) or getattr(processor.tokenizer, "chat_template", None))
+
+
 def chat_text(processor: Any, prompt: str, dimension: str, task: str) -> str:
     """The full prompt text up to the assistant turn, through the checkpoint's chat template if any."""
-    template = getattr(processor, "chat_template", None) or getattr(
-        processor.tokenizer, "chat_template", None
-    )
-    if template:
+    if has_chat_template(processor):
         return processor.apply_chat_template(
             messages(prompt, dimension, task), tokenize=False, add_generation_prompt=True
         )

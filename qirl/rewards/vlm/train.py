@@ -37,6 +37,7 @@ import torch
 from qirl.checkpoint import load_checkpoint, save_checkpoint
 from qirl.config import dump_recipe
 from qirl.errors import UserError
+from qirl.rewards.vlm.backbone import completion_token_logits
 from qirl.rewards.vlm.data import (
     LABEL_COLUMNS,
     image_row,
@@ -286,11 +287,8 @@ def _pointwise_step(
             loss = loss + recipe.train.rank_weight * rank
             metrics["rank"] = float(rank.detach())
     if recipe.model.cot:
-        # Position t predicts token t + 1: every completion token except the score is an LM target.
-        target_mask = batch["completion_mask"][:, 1:].to(hidden.device)  # [B, L-1]
-        src = hidden[:, :-1][target_mask]  # [N, H]
-        targets = batch["input_ids"][:, 1:].to(hidden.device)[target_mask]  # [N]
-        lm = lm_loss(rm.model.get_output_embeddings()(src), targets)
+        # Every completion token (the reasoning and the marker; the score is not in the text) is an LM target.
+        lm = lm_loss(*completion_token_logits(rm.model, hidden, batch))
         loss = loss + recipe.train.lm_weight * lm
         metrics["lm"] = float(lm.detach())
     return loss, metrics
