@@ -9,8 +9,14 @@ scores differ form a pair (the `prompt_pair_accuracy` of `qirl score eval`, the 
 - `cnn` (with `--cnn-steps N`): a small prompt-blind CNN, trained N steps to regress the three labels of
   `--train`'s `pointwise` split from the image alone, then scored the same way. It says what plain
   perception of these 32x32 images recovers from the same labels, with no prompt reading at all.
+- `models` (with `--model PATH`, repeatable): a pointwise VLM reward model asked each question alone,
+  its same-prompt pair accuracy per question, the same with every image given another prompt's text
+  (the prompts shifted by 17 rows: does the order come from reading the prompt?), and the within-prompt
+  share of its score variance, mean over prompts of Var(score | prompt) / Var(score), next to the
+  oracle's (does it vary within a prompt at all, or only rank prompts?).
 
     python benchmarks/reward_ceiling.py --data runs/r15/ann1 --train runs/r15/ann0 --cnn-steps 3000
+    python benchmarks/reward_ceiling.py --data runs/r15/ann1 --model runs/rm_P/model
 """
 
 from __future__ import annotations
@@ -42,6 +48,38 @@ def images_and_labels(split) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN0
     return torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255.0, torch.from_numpy(y)
 
 
+def within_prompt_share(score: torch.Tensor, prompts: list[str]) -> float:
+    """Mean over prompts of the score's variance within the prompt, over its variance in all rows."""
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(p, []).append(i)
+    within = np.mean([score[g].var(unbiased=False).item() for g in groups.values()])
+    return float(within / score.var(unbiased=False).item())
+
+
+def question_report(path: str, split, ia: torch.Tensor, ib: torch.Tensor, oracle: torch.Tensor) -> dict:  # noqa: ANN001
+    """Per question: same-prompt pair accuracy (own prompt, another prompt's text) and within-prompt share."""
+    from qirl.rewards.vlm.data import image_row
+    from qirl.rewards.vlm.model import VLMReward
+
+    rm = VLMReward.load(path)
+    rows = [split[i] for i in range(len(split))]
+    images = [image_row(r, "image", "pointwise_test") for r in rows]
+    prompts, tasks = [r["prompt"] for r in rows], [r["task"] for r in rows]
+    shifted = prompts[17:] + prompts[:17]
+    out = {}
+    for dim in DIMS:
+        rm.config.dimension = dim
+        s = rm.reward_rows(images, prompts, tasks).double()  # [N]
+        s_other = rm.reward_rows(images, shifted, tasks).double()  # [N] same images, another prompt's text
+        out[dim] = {
+            "same_prompt": pair_accuracy(s[ia], s[ib], oracle[ia], oracle[ib], 1e-6)[0],
+            "same_prompt_other_text": pair_accuracy(s_other[ia], s_other[ib], oracle[ia], oracle[ib], 1e-6)[0],
+            "within_share": within_prompt_share(s, prompts),
+        }
+    return out
+
+
 def cnn() -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(3, 32, 3, padding=1), nn.GELU(), nn.Conv2d(32, 64, 3, padding=1, stride=2), nn.GELU(),
@@ -50,12 +88,19 @@ def cnn() -> nn.Module:
     )
 
 
+def _rounded(v):  # noqa: ANN001, ANN202
+    if isinstance(v, dict):
+        return {k: _rounded(x) for k, x in v.items()}
+    return round(v, 3) if isinstance(v, float) else v
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True, help="annotation folder scored (its pointwise_test split)")
     ap.add_argument("--train", default="", help="annotation folder the CNN learns from (its pointwise split)")
     ap.add_argument("--cnn-steps", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", action="append", default=[], help="a pointwise VLM reward model folder")
     args = ap.parse_args(argv)
 
     test = load_annotations(args.data)["pointwise_test"]
@@ -65,6 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     labels = y_test.double().mean(1)
     out = {"data": args.data, "pairs": int(len(ia))}
     out["labels"], _ = pair_accuracy(labels[ia], labels[ib], oracle[ia], oracle[ib], 1e-6)
+    out["oracle_within_share"] = within_prompt_share(oracle, test["prompt"])
     if args.cnn_steps:
         torch.manual_seed(args.seed)
         x, y = images_and_labels(load_annotations(args.train or args.data)["pointwise"])
@@ -80,7 +126,9 @@ def main(argv: list[str] | None = None) -> dict:
             s = net(x_test).mean(1).double()  # [N] mean of the three predicted labels
         out["cnn"], _ = pair_accuracy(s[ia], s[ib], oracle[ia], oracle[ib], 1e-6)
         out["cnn_steps"] = args.cnn_steps
-    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}, indent=1))
+    if args.model:
+        out["models"] = {path: question_report(path, test, ia, ib, oracle) for path in args.model}
+    print(json.dumps(_rounded(out), indent=1))
     return out
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import torch
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_qwen_image_grpo.py"
 
 
@@ -59,14 +61,19 @@ def test_word_sensitivity_is_zero_for_a_word_the_model_ignores() -> None:
     assert all(row["wrong shape"] == 0 == row["wrong colour"] for row in deaf_gap.values()), deaf_gap
 
 
+def _load_reward_ceiling():  # noqa: ANN202
+    spec = importlib.util.spec_from_file_location("reward_ceiling", BENCH.parent / "reward_ceiling.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_reward_ceiling_pairs_one_prompts_images_and_scores_both_references(tmp_path: Path) -> None:
     """`reward_ceiling.py` on a tiny render-only annotation set: pairs stay within a prompt, and the
     labels' and the CNN's accuracies are accuracies."""
     from qirl.rewards.annotate import AnnotateConfig, annotate
 
-    spec = importlib.util.spec_from_file_location("reward_ceiling", BENCH.parent / "reward_ceiling.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load_reward_ceiling()
     a, b = module.same_prompt_pairs(["x", "y", "x", "x", "y"])
     assert sorted(zip(a.tolist(), b.tolist(), strict=True)) == [(0, 2), (0, 3), (1, 4), (2, 3)]
 
@@ -75,3 +82,28 @@ def test_reward_ceiling_pairs_one_prompts_images_and_scores_both_references(tmp_
                                  edit_fraction=0.0, test_fraction=0.5, pairs_per_prompt=1)))
     result = module.main(["--data", str(out), "--cnn-steps", "2"])
     assert result["pairs"] > 0 and 0.0 <= result["labels"] <= 1.0 and 0.0 <= result["cnn"] <= 1.0
+    assert 0.0 < result["oracle_within_share"] <= 1.0
+
+
+def test_within_prompt_share_separates_within_from_between_prompt_variation() -> None:
+    module = _load_reward_ceiling()
+    prompts = ["x", "x", "y", "y"]
+    assert module.within_prompt_share(torch.tensor([0.0, 0.0, 1.0, 1.0]), prompts) == 0.0  # ranks prompts only
+    assert module.within_prompt_share(torch.tensor([0.0, 1.0, 0.0, 1.0]), prompts) == 1.0  # only within
+
+
+def test_reward_ceiling_reports_each_question_of_a_reward_model(tmp_path: Path) -> None:
+    """`--model`: the built-in pointwise model asked each question, with its own and another prompt's text."""
+    from qirl.rewards.annotate import AnnotateConfig, annotate
+    from qirl.rewards.vlm import builtin_reward_path
+
+    module = _load_reward_ceiling()
+    out = tmp_path / "ann"
+    list(annotate(AnnotateConfig(out_dir=str(out), n_prompts=8, samples_per_prompt=4, perturbed_fraction=1.0,
+                                 edit_fraction=0.0, test_fraction=0.5, pairs_per_prompt=1)))
+    model = str(builtin_reward_path("pointwise"))
+    report = module.main(["--data", str(out), "--model", model])["models"][model]
+    assert set(report) == {"quality", "fidelity", "alignment"}
+    for row in report.values():
+        assert 0.0 <= row["same_prompt"] <= 1.0 and 0.0 <= row["same_prompt_other_text"] <= 1.0
+        assert 0.0 <= row["within_share"] <= 1.0
