@@ -107,3 +107,19 @@ def test_reward_ceiling_reports_each_question_of_a_reward_model(tmp_path: Path) 
     for row in report.values():
         assert 0.0 <= row["same_prompt"] <= 1.0 and 0.0 <= row["same_prompt_other_text"] <= 1.0
         assert 0.0 <= row["within_share"] <= 1.0
+
+
+def test_edit_group_spread_counts_groups_whose_rollouts_disagree() -> None:
+    """`edit_group_spread.py`: a group whose rollouts all score the same has no spread; a tiny run works."""
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location("edit_group_spread", BENCH.parent / "edit_group_spread.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    success = np.array([[0.0, 0.0], [0.0, 100.0]])  # [P=2, G=2]: only the second group disagrees
+    stats = module.group_spread(success, success / 2)
+    assert stats["groups_with_success_spread"] == 0.5
+    assert stats["success_sd"] == 25.0 and stats["overall_sd"] == 12.5 and stats["overall"] == 12.5
+
+    out = module.main(["--prompts", "2", "--group", "2", "--steps", "2", "--window", "1"])
+    assert 0.0 <= out["overall"] <= 100.0 and 0.0 <= out["groups_with_success_spread"] <= 1.0
