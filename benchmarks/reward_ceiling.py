@@ -11,7 +11,7 @@ scores differ form a pair (the `prompt_pair_accuracy` of `qirl score eval`, the 
   perception of these 32x32 images recovers from the same labels, with no prompt reading at all.
 - `models` (with `--model PATH`, repeatable): a pointwise VLM reward model asked each question alone,
   its same-prompt pair accuracy per question, the same with every image given another prompt's text
-  (the prompts shifted by 17 rows: does the order come from reading the prompt?), and the within-prompt
+  (each prompt's images read the next prompt's: does the order come from reading the prompt?), and the within-prompt
   share of its score variance, mean over prompts of Var(score | prompt) / Var(score), next to the
   oracle's (does it vary within a prompt at all, or only rank prompts?).
 
@@ -34,10 +34,16 @@ from qirl.rewards.vlm.train import pair_accuracy
 DIMS = ("quality", "fidelity", "alignment")
 
 
-def same_prompt_pairs(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def prompt_groups(prompts: list[str]) -> dict[str, list[int]]:
+    """{prompt: its row indices}, prompts in order of first appearance."""
     groups: dict[str, list[int]] = {}
     for i, p in enumerate(prompts):
         groups.setdefault(p, []).append(i)
+    return groups
+
+
+def same_prompt_pairs(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    groups = prompt_groups(prompts)
     pairs = [(g[a], g[b]) for g in groups.values() for a in range(len(g)) for b in range(a + 1, len(g))]
     return torch.tensor([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
 
@@ -50,10 +56,7 @@ def images_and_labels(split) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN0
 
 def within_prompt_share(score: torch.Tensor, prompts: list[str]) -> float:
     """Mean over prompts of the score's variance within the prompt, over its variance in all rows."""
-    groups: dict[str, list[int]] = {}
-    for i, p in enumerate(prompts):
-        groups.setdefault(p, []).append(i)
-    within = np.mean([score[g].var(unbiased=False).item() for g in groups.values()])
+    within = np.mean([score[g].var(unbiased=False).item() for g in prompt_groups(prompts).values()])
     return float(within / score.var(unbiased=False).item())
 
 
@@ -66,7 +69,9 @@ def question_report(path: str, split, ia: torch.Tensor, ib: torch.Tensor, oracle
     rows = [split[i] for i in range(len(split))]
     images = [image_row(r, "image", "pointwise_test") for r in rows]
     prompts, tasks = [r["prompt"] for r in rows], [r["task"] for r in rows]
-    shifted = prompts[17:] + prompts[:17]
+    distinct = list(prompt_groups(prompts))
+    other = dict(zip(distinct, distinct[1:] + distinct[:1], strict=True))  # each prompt -> the next one's text
+    shifted = [other[p] for p in prompts]
     out = {}
     for dim in DIMS:
         rm.config.dimension = dim
