@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from qirl.errors import UserError
-from qirl.eval.bench import bench_policy, bench_records, summarise
+from qirl.eval.bench import bench_policy, bench_records, paired_change, score_matrix, summarise
 from qirl.eval.checklist import ImageScore, edit_image_score, subdimension, t2i_image_score
 from qirl.eval.judges import VotePolicy, cast_vote, make_judge
 from qirl.eval.models import Sampling, generate_images, parse_model_spec, parse_models
@@ -91,6 +91,18 @@ def test_summarise_means_intervals_and_na():
     lo, hi = r["overall_ci"]
     assert 20.0 <= lo <= 40.0 <= hi <= 60.0  # per-prompt means are 20 and 60
     assert (r["images"], r["prompts"], r["seeds"]) == (4, 2, 2)
+
+
+def test_paired_change_cancels_prompt_difficulty():
+    # Two prompts of very different difficulty; the model gains exactly 5 on every image but one N/A.
+    jobs = [(0, 0), (0, 1), (1, 0), (1, 1)]
+    base = score_matrix([10, 14, 90, 86], jobs)  # [P, S]
+    model = score_matrix([15, 19, 95, None], jobs)
+    assert base.tolist() == [[10, 14], [90, 86]] and np.isnan(model[1, 1])
+    c = paired_change(model, base, n_boot=200)
+    assert c["change"] == 5.0 and c["change_ci"] == [5.0, 5.0]  # constant differences: no spread
+    lo, hi = summarise([ImageScore(v, {}) for v in (15, 19, 95, 0)], jobs, [], n_boot=200)["overall_ci"]
+    assert hi - lo > 30  # while each model's own interval spans the prompts' difficulty
 
 
 def test_model_specs():

@@ -59,6 +59,14 @@ def test_bench_two_models_json(tmp_path):
     assert s["images"] == 2 * (3 + 3)
     rows = _lines(out / "scores.jsonl")
     assert len(rows) == 12 and {r["model"] for r in rows} == {"base", "cfg1"}
+    # cfg1's paired change over base is the mean per-image difference (same prompts, seeds and noise).
+    for task in ("t2i", "edit"):
+        by = {(r["model"], r["prompt_index"], r["seed"]): r["overall"] for r in rows if r["task"] == task}
+        diffs = [by["cfg1", i, seed] - by["base", i, seed] for (m, i, seed) in by if m == "base"]
+        change = s["results"]["cfg1"][task]["vs"]["base"]
+        assert change["change"] == pytest.approx(sum(diffs) / len(diffs), abs=0.01)
+        assert change["change_ci"][0] <= change["change"] <= change["change_ci"][1]
+    assert "vs" not in s["results"]["base"]["t2i"]
     bench = json.loads((out / "bench.json").read_text())
     assert all((out / bench["grids"][m][t]).is_file() for m in ("base", "cfg1") for t in ("t2i", "edit"))
     # The bench is deterministic: the same command gives the same scores.

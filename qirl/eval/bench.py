@@ -11,7 +11,9 @@ Each model generates `seeds` images for every prompt of a fixed set (`heldout-t2
   VIEScore), averaged over the set.
 
 A set score is the mean over all (prompt, seed) images where it applies; its 95% interval is a cluster
-bootstrap over prompts (stats.py). `bench_policy` runs the same scoring on an in-memory policy for
+bootstrap over prompts (stats.py). Every model after the first also gets its paired change over the
+first (`vs`: the same bootstrap over the per-image differences, `paired_change`), which is the interval
+to read when asking whether a model beats the base. `bench_policy` runs the same scoring on an in-memory policy for
 training loops (a held-out subset, no files).
 """
 
@@ -67,6 +69,33 @@ def _round(x: float | None, digits: int = 2) -> float | None:
     return None if x is None or x != x else round(float(x), digits)  # NaN (cannot score) -> null
 
 
+def score_matrix(values: Sequence[float | None], jobs: Sequence[tuple[int, int]]) -> np.ndarray:
+    """Scores laid out [P, S]: one row per prompt index, one column per seed (sorted), NaN = N/A."""
+    prompts = sorted({i for i, _ in jobs})
+    seeds = sorted({s for _, s in jobs})
+    row, col = {p: k for k, p in enumerate(prompts)}, {s: k for k, s in enumerate(seeds)}
+    m = np.full((len(prompts), len(seeds)), np.nan)  # [P, S]
+    for (i, s), v in zip(jobs, values, strict=True):
+        m[row[i], col[s]] = np.nan if v is None else v
+    return m
+
+
+def paired_change(model: np.ndarray, reference: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Mean change of `model` over `reference` and its 95% interval, from their [P, S] overall matrices.
+
+    Every model of a bench draws the same initial noise per (prompt, seed) (models.py), so the two
+    matrices are paired image by image: the interval is the cluster bootstrap over prompts (stats.py)
+    of the per-image differences (common random numbers; Glasserman 2004, sec. 4.2). The prompts'
+    own difficulty, which dominates each model's interval (edit prompts range from kinds the base
+    nearly always does to kinds it nearly never does), cancels in the difference, so the paired
+    interval is much narrower than the two separate intervals suggest. An image N/A for either model
+    is left out.
+    """
+    diff = model - reference  # [P, S]; NaN where either is N/A
+    mean, lo, hi = cluster_bootstrap(diff, n_boot, seed=seed)
+    return {"change": _round(mean), "change_ci": [_round(lo), _round(hi)]}
+
+
 def summarise(
     scores: Sequence[ImageScore],
     jobs: Sequence[tuple[int, int]],
@@ -77,13 +106,9 @@ def summarise(
     """Set means and 95% cluster-bootstrap intervals of overall and each pillar (see module docstring)."""
     prompts = sorted({i for i, _ in jobs})
     seeds = sorted({s for _, s in jobs})
-    row, col = {p: k for k, p in enumerate(prompts)}, {s: k for k, s in enumerate(seeds)}
 
     def matrix(values: Sequence[float | None]) -> np.ndarray:
-        m = np.full((len(prompts), len(seeds)), np.nan)  # [P, S]
-        for (i, s), v in zip(jobs, values, strict=True):
-            m[row[i], col[s]] = np.nan if v is None else v
-        return m
+        return score_matrix(values, jobs)
 
     mean, lo, hi = cluster_bootstrap(matrix([s.overall for s in scores]), n_boot, seed=seed)
     out: dict[str, Any] = {"overall": _round(mean), "overall_ci": [_round(lo), _round(hi)], "pillars": {}, "pillars_ci": {}}
@@ -211,6 +236,7 @@ def run_bench(
     done, rows = 0, []
     results: dict[str, dict[str, Any]] = {}
     grids: dict[str, dict[str, str]] = {}
+    overall_of: dict[str, np.ndarray] = {}  # task -> the first model's overall [P, S], for paired changes
     with staged_dir(out, MARKER, "bench") as tmp:
         for spec in specs:
             for task, records in task_records.items():
@@ -233,6 +259,10 @@ def run_bench(
                 results.setdefault(spec.label, {})[task] = {
                     **summarise(scores, jobs, judge_.pillars(task), n_boot), **category_summary(scores, jobs, records)
                 }
+                overall = score_matrix([s.overall for s in scores], jobs)  # [P, S]
+                reference = overall_of.setdefault(task, overall)  # the first model's
+                if spec is not specs[0]:
+                    results[spec.label][task]["vs"] = {specs[0].label: paired_change(overall, reference, n_boot)}
                 name = f"grids/{slug(spec.label)}_{task}.png"
                 order = sorted(shown)
                 save_image_atomic(sample_grid(task, [shown[i][0] for i in order], [shown[i][1] for i in order]), tmp / name)
@@ -264,6 +294,9 @@ def flat_summary(summary: dict[str, Any]) -> dict[str, Any]:
         for task, r in tasks.items():
             lo, hi = r["overall_ci"]
             flat[f"{label} {task} overall"] = f"{r['overall']:.1f} [{lo:.1f}, {hi:.1f}]"
+            for ref, c in r.get("vs", {}).items():
+                lo, hi = c["change_ci"]
+                flat[f"{label} {task} change vs {ref} (paired)"] = f"{c['change']:+.1f} [{lo:+.1f}, {hi:+.1f}]"
             flat[f"{label} {task} pillars"] = {p: "n/a" if v is None else round(v, 1) for p, v in r["pillars"].items()}
             flat[f"{label} {task} categories"] = r.get("categories", {})
             if "single_shape_accuracy" in r:

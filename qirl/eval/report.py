@@ -51,6 +51,14 @@ def _ci(mean: float | None, ci: Sequence[float | None] | None) -> str:
     return f"{mean:.1f} [{ci[0]:.1f}, {ci[1]:.1f}]"
 
 
+def _change(c: dict[str, Any] | None) -> str:
+    """A paired change 'change [low, high]' with signs; '' for the reference model itself."""
+    if not c or c["change"] is None:
+        return ""
+    lo, hi = c["change_ci"]
+    return f"{c['change']:+.1f} [{lo:+.1f}, {hi:+.1f}]"
+
+
 def _kind(folder: Path) -> str:
     if (folder / "bench.json").is_file():
         return "bench"
@@ -88,9 +96,12 @@ def bench_blocks(folder: Path, tag: str) -> list[Block]:
         sets = b.get("prompt_sets", {}).get(task, "")
         overall_note = "overall = sqrt(Success x Quality)" if task == "edit" else "overall = mean of pillars"
         blocks.append(Block("h3", f"{'Text-to-image' if task == 't2i' else 'Edit'} ({sets}; {overall_note})"))
-        rows = [[m, _ci(r["overall"], r["overall_ci"]), *(_ci(r["pillars"][p], r["pillars_ci"][p]) for p in pillars),
-                 str(r["images"])] for m, r in results.items()]
-        blocks.append(Block("table", header=["model", "overall", *pillars, "images"], rows=rows))
+        ref = labels[0]
+        rows = [[m, _ci(r["overall"], r["overall_ci"]), _change(r.get("vs", {}).get(ref)),
+                 *(_ci(r["pillars"][p], r["pillars_ci"][p]) for p in pillars), str(r["images"])]
+                for m, r in results.items()]
+        header = ["model", "overall", f"change vs {ref} (paired)", *pillars, "images"]
+        blocks.append(Block("table", header=header, rows=rows))
         png = figures.pillar_bars(labels, results, f"{task}: overall and pillars (95% CI)")
         blocks.append(Block("images", images=[Image(f"{tag}_{task}_pillars.png", png, "per-pillar scores")]))
         sub_rows = []
