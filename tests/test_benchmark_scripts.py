@@ -123,3 +123,6 @@ def test_edit_group_spread_counts_groups_whose_rollouts_disagree() -> None:
 
     out = module.main(["--prompts", "2", "--group", "2", "--steps", "2", "--window", "1"])
     assert 0.0 <= out["overall"] <= 100.0 and 0.0 <= out["groups_with_success_spread"] <= 1.0
+    per_step = module.main(["--prompts", "2", "--group", "2", "--steps", "2", "--per-step"])["per_step"]
+    assert [r["sde_step"] for r in per_step] == [0, 1]
+    assert all(0.0 <= r["groups_with_success_spread"] <= 1.0 for r in per_step)
