@@ -230,3 +230,17 @@ def test_overrides_reach_list_elements_and_bad_ones_are_user_errors():
                        ("rewards.models.0.weight=abc", "could not be converted")):
         with pytest.raises(UserError, match=match):
             load_recipe(GrpoRecipe, "recipes/t2i_rm.yaml", [bad])
+
+
+def test_edit_reward_recipes_load():
+    """recipes/rm_edit.yaml trains an edit-only reward model; recipes/edit_rm.yaml trains on it."""
+    from qirl.rewards.vlm.train import RewardTrainRecipe
+    from qirl.rl.grpo import GrpoRecipe
+
+    rm = load_recipe(RewardTrainRecipe, "recipes/rm_edit.yaml", [])
+    assert rm.model.tasks == ["edit"] and "alignment" in rm.data.dimensions
+    g = load_recipe(GrpoRecipe, "recipes/edit_rm.yaml", [])
+    names = [(m.name, m.args.get("dimension")) for m in g.rewards.models]
+    assert names == [("vlm_pointwise", "alignment"), ("vlm_pointwise", "quality"), ("oracle_identity", None)]
+    assert all(m.args.get("path") == rm.run.out_dir + "/model" for m in g.rewards.models[:2])
+    assert [m.name for m in g.rewards.monitors] == ["oracle_edit"]  # the judge only watches
