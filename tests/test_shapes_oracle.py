@@ -248,3 +248,27 @@ def test_edit_items_are_named_and_graded(edits):
     s = score_edit(src[0], recs[0]["prompt"], tgt[0])
     assert all(isinstance(i, Item) and i.value in (0, 1, 2, None) for i in s.items)
     assert {i.pillar for i in s.items} >= {"Success", "Preservation", "Quality"}
+
+
+def test_graded_success_follows_how_far_a_move_went():
+    # "move the red circle to the right": full credit at 0.08 along; the item is a step function of it.
+    source = Scene((ShapeObject("circle", "red", "medium", 0.3, 0.5), ShapeObject("square", "blue", "small", 0.7,
+                                                                                 0.2)), "white")
+    graded, items = [], []
+    for dx in (0.0, 0.02, 0.05, 0.12):
+        moved = Scene((replace(source.objects[0], x=0.3 + dx), source.objects[1]), "white")
+        s = score_edit(render(source), "move the red circle to the right", render(moved))
+        graded.append(s.graded_success)
+        items.append(s.success)
+    assert items[0] == 0 and items[-1] == 100
+    assert graded[0] < 15 and graded[-1] == 100  # nothing done / past the threshold
+    assert graded == sorted(graded) and graded[1] < graded[2] < 100  # rises with the distance
+    assert graded[1] > items[1]  # a move short of the first threshold still earns credit
+
+
+def test_graded_success_agrees_with_the_item_at_the_ends(edits):
+    recs, src, tgt = edits
+    done = score_edit_batch(src[:60], [r["prompt"] for r in recs[:60]], tgt[:60])
+    assert all(s.graded_success == 100 for s in done)  # the clean targets
+    kept = score_edit_batch(src[:60], [r["prompt"] for r in recs[:60]], src[:60])
+    assert max(s.graded_success for s in kept) < 20  # an unchanged source did (almost) nothing

@@ -4,14 +4,15 @@ The report's composite T2I reward covers alignment, aesthetics and portrait (str
 edit reward covers instruction following and face-identity preservation. On the Shapes world each has an
 exact analogue in the oracle's checklist (qirl/shapes/oracle.py), scaled from 0-100 to [0, 1]:
 
-| reward                 | task | oracle quantity                                           |
-| ---------------------- | ---- | --------------------------------------------------------- |
-| oracle                 | both | T2I overall (mean of pillars) / edit overall              |
-| oracle_alignment       | t2i  | Alignment pillar                                          |
-| oracle_aesthetics      | t2i  | mean of the Quality and Aesthetics pillars               |
-| oracle_fidelity        | t2i  | Real-world Fidelity pillar (the structural-fidelity one)  |
-| oracle_instruction     | edit | edit success (did the instructed change happen)           |
-| oracle_identity        | edit | edit preservation (untouched content kept: identity)      |
+| reward                    | task | oracle quantity                                           |
+| ------------------------- | ---- | --------------------------------------------------------- |
+| oracle                    | both | T2I overall (mean of pillars) / edit overall              |
+| oracle_alignment          | t2i  | Alignment pillar                                          |
+| oracle_aesthetics         | t2i  | mean of the Quality and Aesthetics pillars                |
+| oracle_fidelity           | t2i  | Real-world Fidelity pillar (the structural-fidelity one)  |
+| oracle_instruction        | edit | edit success (did the instructed change happen)           |
+| oracle_identity           | edit | edit preservation (untouched content kept: identity)      |
+| oracle_instruction_graded | edit | how far the instructed change went (`graded_success`)     |
 
 Rows of a task a reward does not judge get NaN, which GRPO's advantage drops from that reward's group
 statistics. The oracle is cheap (~2 ms an image) and runs in-process.
@@ -45,6 +46,7 @@ EDIT_QUANTITIES: dict[str, Callable[[EditScore], float]] = {
     "oracle": lambda s: s.overall,
     "oracle_instruction": lambda s: s.success,
     "oracle_identity": lambda s: s.preservation,
+    "oracle_instruction_graded": lambda s: s.graded_success,
     "oracle_edit": lambda s: s.overall,  # = "oracle" on edits, but NaN on T2I (for mixed-task composites)
 }
 

@@ -55,7 +55,7 @@ from qirl.shapes.checklist import (
 )
 from qirl.shapes.detect import Analysis, Detection, analyse, as_images
 from qirl.shapes.edits import EditSpec, parse_instruction
-from qirl.shapes.scene import OK_MARGIN, SIZES, position_margin
+from qirl.shapes.scene import BACKGROUNDS, OK_MARGIN, SIZES, position_margin
 
 SUCCESS, PRESERVATION = "Success", "Preservation"
 _RANK = {s: i for i, s in enumerate(SIZES)}
@@ -71,6 +71,7 @@ class EditScore:
     preservation: float
     quality: float
     items: list[Item]
+    graded_success: float = float("nan")  # 0-100, `graded_success` (a training signal; not in overall)
 
 
 def _dist(a: Detection, b: Detection) -> float:
@@ -138,15 +139,59 @@ def _success(spec: EditSpec, src: Analysis, out: Analysis, t: int | None, match:
     return grade(1.0 / max(ratio, 1e-6), 1.15, 1.05), 0
 
 
-def edit_items(src: Analysis, spec: EditSpec, out: Analysis) -> list[Item]:
-    """Success and Preservation items for one edit (see the module docstring)."""
+def _correspondence(src: Analysis, spec: EditSpec, out: Analysis) -> tuple[int | None, list[int]]:
+    """(index of the instruction's unique target in the source or None, source -> output object match)."""
     s_objs, o_objs = src.objects, out.objects
     t = None
     if spec.target is not None:
         hits = [i for i, s in enumerate(s_objs) if spec.target.matches(s)]
         t = hits[0] if len(hits) == 1 else None
     sim = np.array([[_sim(spec, s, o, i == t) for o in o_objs] for i, s in enumerate(s_objs)], dtype=np.float64)
-    match = assign(sim.reshape(len(s_objs), len(o_objs)))
+    return t, assign(sim.reshape(len(s_objs), len(o_objs)))
+
+
+def graded_success(src: Analysis, spec: EditSpec, out: Analysis) -> float:
+    """How far the instructed change went, in [0, 1]: a continuous version of the Success item.
+
+    The Success item is a step function (0 / 60 / 100 at fixed thresholds), so an output just short of
+    a threshold scores like one that did nothing. Where the oracle measures a continuous quantity this
+    is the fraction of the way to the full-credit threshold, clipped to [0, 1]:
+    - move: displacement along the instructed direction / 0.08;
+    - resize bigger / smaller: log(r_out / r_src) / log(1.15) (negated for smaller); to a named size
+      class: log(r_out / r_src) / log(R_class / r_src), with the class's nominal radius R_class;
+    - background: 1 - |c_out - c_target| / |c_src - c_target| over the estimated background colours.
+    Recolour, add and remove detect classes (a colour, an object), not amounts, so they keep the
+    item's value / 2. Full credit on the item gives 1 here too (the thresholds are the same).
+    """
+    t, match = _correspondence(src, spec, out)
+    value, _ = _success(spec, src, out, t, match)
+    discrete = 0.0 if value is None else value / 2.0
+    k = spec.kind
+    if k == "background":
+        target = np.asarray(BACKGROUNDS[spec.background])
+        span = float(np.linalg.norm(np.subtract(src.background_rgb, target)))
+        if span < 1e-6:
+            return discrete
+        left = float(np.linalg.norm(np.subtract(out.background_rgb, target)))
+        return max(discrete, float(np.clip(1.0 - left / span, 0.0, 1.0)))
+    d = out.objects[match[t]] if t is not None and match[t] >= 0 else None
+    if d is None or k not in ("move", "resize"):
+        return discrete
+    s = src.objects[t]
+    if k == "move":
+        return max(discrete, float(np.clip(_along(spec, s, d)[0] / 0.08, 0.0, 1.0)))
+    growth = math.log(max(d.radius, 1e-6) / max(s.radius, 1e-6))
+    if spec.size is not None:
+        full = math.log(SIZES[spec.size] / max(s.radius, 1e-6))
+        return discrete if abs(full) < 1e-6 else max(discrete, float(np.clip(growth / full, 0.0, 1.0)))
+    sign = 1.0 if spec.change == "bigger" else -1.0
+    return max(discrete, float(np.clip(sign * growth / math.log(1.15), 0.0, 1.0)))
+
+
+def edit_items(src: Analysis, spec: EditSpec, out: Analysis) -> list[Item]:
+    """Success and Preservation items for one edit (see the module docstring)."""
+    s_objs, o_objs = src.objects, out.objects
+    t, match = _correspondence(src, spec, out)
     value, credited = _success(spec, src, out, t, match)
     items = [Item(SUCCESS, spec.kind, value)]
     for i, s in enumerate(s_objs):
@@ -192,7 +237,8 @@ def score_edit(
     pillars = [p for p in pillar_scores(quality_items, (QUALITY, FIDELITY)).values() if p is not None]
     quality = float(np.mean(pillars)) if pillars else 0.0
     overall = round((success * preservation * quality) ** (1.0 / 3.0), 9)  # 100.0, not 99.99999999999999
-    return EditScore(float(overall), float(success), float(preservation), quality, items)
+    graded = 100.0 * graded_success(src, spec, out)
+    return EditScore(float(overall), float(success), float(preservation), quality, items, graded)
 
 
 def score_edit_batch(
