@@ -272,3 +272,11 @@ def test_graded_success_agrees_with_the_item_at_the_ends(edits):
     assert all(s.graded_success == 100 for s in done)  # the clean targets
     kept = score_edit_batch(src[:60], [r["prompt"] for r in recs[:60]], src[:60])
     assert max(s.graded_success for s in kept) < 20  # an unchanged source did (almost) nothing
+
+
+def test_graded_success_of_a_background_is_the_colour_distance_closed():
+    source = Scene((ShapeObject("circle", "red", "medium", 0.3, 0.5),), "white")
+    graded = {bg: score_edit(render(source), "make the background black", render(Scene(source.objects, bg)))
+              for bg in ("white", "gray", "black")}
+    assert [graded[b].success for b in ("white", "gray", "black")] == [0, 0, 100]
+    assert [graded[b].graded_success for b in ("white", "gray", "black")] == pytest.approx([0, 50, 100], abs=2)
