@@ -12,9 +12,9 @@ Each model generates `seeds` images for every prompt of a fixed set (`heldout-t2
 
 A set score is the mean over all (prompt, seed) images where it applies; its 95% interval is a cluster
 bootstrap over prompts (stats.py). Every model after the first also gets its paired change over the
-first (`vs`: the same bootstrap over the per-image differences, `paired_change`), which is the interval
-to read when asking whether a model beats the base. `bench_policy` runs the same scoring on an in-memory policy for
-training loops (a held-out subset, no files).
+first (`vs`: the same bootstrap over the per-image differences, `paired_change`), which is the
+interval to read when asking whether a model beats the base. `bench_policy` runs the same scoring on
+an in-memory policy for training loops (a held-out subset, no files).
 """
 
 from __future__ import annotations
@@ -84,12 +84,12 @@ def paired_change(model: np.ndarray, reference: np.ndarray, n_boot: int = 1000, 
     """Mean change of `model` over `reference` and its 95% interval, from their [P, S] overall matrices.
 
     Every model of a bench draws the same initial noise per (prompt, seed) (models.py), so the two
-    matrices are paired image by image: the interval is the cluster bootstrap over prompts (stats.py)
-    of the per-image differences (common random numbers; Glasserman 2004, sec. 4.2). The prompts'
-    own difficulty, which dominates each model's interval (edit prompts range from kinds the base
-    nearly always does to kinds it nearly never does), cancels in the difference, so the paired
-    interval is much narrower than the two separate intervals suggest. An image N/A for either model
-    is left out.
+    matrices are paired image by image (common random numbers, as in simulation studies). The
+    interval is the cluster bootstrap over prompts (stats.py) of the per-image differences. A
+    prompt's own difficulty dominates each model's interval: edit prompts range from kinds the base
+    nearly always does to kinds it nearly never does. That difficulty cancels in the difference, so
+    the paired interval is much narrower than the two separate intervals suggest. An image that is
+    N/A for either model is left out.
     """
     diff = model - reference  # [P, S]; NaN where either is N/A
     mean, lo, hi = cluster_bootstrap(diff, n_boot, seed=seed)
@@ -107,7 +107,7 @@ def summarise(
     prompts = sorted({i for i, _ in jobs})
     seeds = sorted({s for _, s in jobs})
 
-    def matrix(values: Sequence[float | None]) -> np.ndarray:
+    def matrix(values: Sequence[float | None]) -> np.ndarray:  # [P, S]
         return score_matrix(values, jobs)
 
     mean, lo, hi = cluster_bootstrap(matrix([s.overall for s in scores]), n_boot, seed=seed)
