@@ -161,7 +161,8 @@ def graded_success(src: Analysis, spec: EditSpec, out: Analysis) -> float:
       class: log(r_out / r_src) / log(R_class / r_src), with the class's nominal radius R_class;
     - background: 1 - |c_out - c_target| / |c_src - c_target| over the estimated background colours.
     Recolour, add and remove detect classes (a colour, an object), not amounts, so they keep the
-    item's value / 2. Full credit on the item gives 1 here too (the thresholds are the same).
+    item's value / 2. The graded value is never below the item's value / 2, so full credit on the item
+    gives 1 here too.
     """
     t, match = _correspondence(src, spec, out)
     value, _ = _success(spec, src, out, t, match)
