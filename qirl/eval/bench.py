@@ -106,14 +106,10 @@ def summarise(
     """Set means and 95% cluster-bootstrap intervals of overall and each pillar (see module docstring)."""
     prompts = sorted({i for i, _ in jobs})
     seeds = sorted({s for _, s in jobs})
-
-    def matrix(values: Sequence[float | None]) -> np.ndarray:  # [P, S]
-        return score_matrix(values, jobs)
-
-    mean, lo, hi = cluster_bootstrap(matrix([s.overall for s in scores]), n_boot, seed=seed)
+    mean, lo, hi = cluster_bootstrap(score_matrix([s.overall for s in scores], jobs), n_boot, seed=seed)
     out: dict[str, Any] = {"overall": _round(mean), "overall_ci": [_round(lo), _round(hi)], "pillars": {}, "pillars_ci": {}}
     for p in pillars:
-        m, low, high = cluster_bootstrap(matrix([s.pillars.get(p) for s in scores]), n_boot, seed=seed)
+        m, low, high = cluster_bootstrap(score_matrix([s.pillars.get(p) for s in scores], jobs), n_boot, seed=seed)
         out["pillars"][p] = _round(m)
         out["pillars_ci"][p] = None if m is None else [_round(low), _round(high)]
     subdims: dict[str, dict[str, list[float]]] = {}

@@ -150,7 +150,9 @@ def _correspondence(src: Analysis, spec: EditSpec, out: Analysis) -> tuple[int |
     return t, assign(sim.reshape(len(s_objs), len(o_objs)))
 
 
-def graded_success(src: Analysis, spec: EditSpec, out: Analysis) -> float:
+def graded_success(
+    src: Analysis, spec: EditSpec, out: Analysis, t: int | None, match: list[int], value: int | None
+) -> float:
     """How far the instructed change went, in [0, 1]: a continuous version of the Success item.
 
     The Success item is a step function (0 / 60 / 100 at fixed thresholds), so an output just short of
@@ -162,10 +164,9 @@ def graded_success(src: Analysis, spec: EditSpec, out: Analysis) -> float:
     - background: 1 - |c_out - c_target| / |c_src - c_target| over the estimated background colours.
     Recolour, add and remove detect classes (a colour, an object), not amounts, so they keep the
     item's value / 2. The graded value is never below the item's value / 2, so full credit on the item
-    gives 1 here too.
+    gives 1 here too. `t`, `match` and `value` are the edit's `_correspondence` and Success item value,
+    which `score_edit` has already computed.
     """
-    t, match = _correspondence(src, spec, out)
-    value, _ = _success(spec, src, out, t, match)
     discrete = 0.0 if value is None else value / 2.0
     k = spec.kind
     if k == "background":
@@ -189,11 +190,12 @@ def graded_success(src: Analysis, spec: EditSpec, out: Analysis) -> float:
     return max(discrete, float(np.clip(sign * growth / math.log(1.15), 0.0, 1.0)))
 
 
-def edit_items(src: Analysis, spec: EditSpec, out: Analysis) -> list[Item]:
-    """Success and Preservation items for one edit (see the module docstring)."""
+def edit_items(src: Analysis, spec: EditSpec, out: Analysis) -> tuple[list[Item], float]:
+    """Success and Preservation items for one edit (see the module docstring), and its graded success."""
     s_objs, o_objs = src.objects, out.objects
     t, match = _correspondence(src, spec, out)
     value, credited = _success(spec, src, out, t, match)
+    graded = graded_success(src, spec, out, t, match, value)
     items = [Item(SUCCESS, spec.kind, value)]
     for i, s in enumerate(s_objs):
         d = o_objs[match[i]] if match[i] >= 0 else None
@@ -219,7 +221,7 @@ def edit_items(src: Analysis, spec: EditSpec, out: Analysis) -> list[Item]:
     items += [Item(PRESERVATION, f"new object #{k + 1}", 0) for k in range(extra)]
     if extra == 0:
         items.append(Item(PRESERVATION, "no_new_objects", 2))
-    return items
+    return items, graded
 
 
 def score_edit(
@@ -231,15 +233,15 @@ def score_edit(
     if src.size != out.size:
         raise UserError(f"source is {src.size} px but output is {out.size} px; they must match")
     quality_items = [i for i in image_items(out) if i.pillar in (QUALITY, FIDELITY)]
-    items = edit_items(src, spec, out) + quality_items
+    edit, graded = edit_items(src, spec, out)
+    items = edit + quality_items
     success = mean_points(i.value for i in items if i.pillar == SUCCESS) or 0.0
     preservation = mean_points(i.value for i in items if i.pillar == PRESERVATION)
     preservation = 100.0 if preservation is None else preservation
     pillars = [p for p in pillar_scores(quality_items, (QUALITY, FIDELITY)).values() if p is not None]
     quality = float(np.mean(pillars)) if pillars else 0.0
     overall = round((success * preservation * quality) ** (1.0 / 3.0), 9)  # 100.0, not 99.99999999999999
-    graded = 100.0 * graded_success(src, spec, out)
-    return EditScore(float(overall), float(success), float(preservation), quality, items, graded)
+    return EditScore(float(overall), float(success), float(preservation), quality, items, 100.0 * graded)
 
 
 def score_edit_batch(
