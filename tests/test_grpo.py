@@ -12,7 +12,7 @@ from qirl.config import load_recipe
 from qirl.errors import UserError
 from qirl.models.registry import load_policy
 from qirl.rewards.base import RewardModel, register_reward
-from qirl.rl.grpo import GrpoRecipe, GrpoTrain, advantages, grpo
+from qirl.rl.grpo import GrpoRecipe, GrpoTrain, advantages, grpo, raft_rows
 
 TINY = [
     "train.prompts_per_iter=2",
@@ -169,11 +169,37 @@ def test_resume_is_exact(tmp_path):
         ("sampling.detach_uncond=true", "cfg_mode both only"),
         ("data.prompts=val-t2i", "evaluation set"),
         ("train.group_size=1", "group_size"),
+        ("train.objective=ppo", "objective"),
+        ("train.raft_keep=2", "raft_keep"),  # group_size 2: keeping both rows ranks nothing
+        ("train.objective=raft train.kl_coef=0.1", "objective grpo only"),
     ],
 )
 def test_bad_recipe_is_a_user_error(tmp_path, override, match):
     with pytest.raises(UserError, match=match):
-        rows(recipe(tmp_path / "bad", override))
+        rows(recipe(tmp_path / "bad", *override.split()))
+
+
+def test_raft_keeps_each_groups_best_rows_and_drops_ties():
+    adv = torch.tensor([0.5, -1.0, 1.5, -1.0, 0.0, 0.0, 0.0, 0.0, -0.2, 0.9, 0.1, -0.8])  # 3 groups of 4
+    rows_, w = raft_rows(adv, group_size=4, keep=2)
+    assert sorted(rows_[:2].tolist()) == [0, 2] and sorted(rows_[4:].tolist()) == [9, 10]
+    assert len(rows_) == 6
+    assert w[2:4].tolist() == [0.0, 0.0]  # a group whose rows tie teaches nothing
+    assert w[:2].tolist() == [1.0, 1.0] and w[4:].tolist() == [1.0, 1.0]
+
+
+def test_raft_moves_weights_towards_the_groups_best_and_resumes_exactly(tmp_path):
+    raft = ["train.objective=raft", "train.group_size=3", "run.checkpoint_every=1"]
+    full = rows(recipe(tmp_path / "full", "train.iterations=2", *raft))
+    assert full[0]["loss"] > 0 and full[0]["grad_norm"] > 0 and full[-1]["done"]
+    rows(recipe(tmp_path / "cut", "train.iterations=1", *raft))
+    rows(recipe(tmp_path / "cut", "train.iterations=2", *raft), resume=True)
+    a = load_checkpoint(latest_checkpoint(tmp_path / "full"))
+    b = load_checkpoint(latest_checkpoint(tmp_path / "cut"))
+    base = load_policy("base").state_dict()
+    assert any(not torch.equal(t, base[n]) for n, t in a.tensors["model"].items() if n in base)
+    for name, tensor in a.tensors["model"].items():
+        assert torch.equal(tensor, b.tensors["model"][name]), name
 
 
 def test_lora_trains_only_adapters_and_exports_a_merged_model(tmp_path):

@@ -66,7 +66,7 @@ from qirl.rl.loop import Session
 from qirl.rl.lora import adapters_disabled
 from qirl.rl.prompts import PromptSource
 from qirl.rl.rollout import SdeSpec, encode_groups, roll_out_groups
-from qirl.sampling import CFG_MODES, sde_kl_factor, trajectory_logprob
+from qirl.sampling import CFG_MODES, add_noise, sample_train_t, sde_kl_factor, trajectory_logprob
 
 SHAPES_T2I = "shapes-t2i"
 
@@ -113,6 +113,8 @@ class GrpoTrain(TrainOptions):
     adv_clip: float = 5.0
     adv_eps: float = 1e-4
     updates_per_iter: int = 1  # AdamW steps on each rollout batch (> 1: the ratio clip starts to bind)
+    objective: str = "grpo"  # grpo: clipped surrogate on the window | raft: flow matching on each group's best
+    raft_keep: int = 1  # raft: rows kept per group (the highest combined rewards, only those with A > 0)
     reward_workers: int = 2  # RewardService threads
     max_nan_reward_fraction: float = 0.5  # a run stops (exit 2) when more of an iteration's rewards are NaN
     nan_reward_patience: int = 3  # ... in this many iterations in a row (0: never stop)
@@ -135,6 +137,7 @@ class GrpoRecipe:
 
 KL_SPACES = ("velocity", "mean")
 ADVANTAGES = ("per_reward", "combined")
+OBJECTIVES = ("grpo", "raft")
 
 
 def validate(recipe: GrpoRecipe, world_size: int = 1) -> None:
@@ -169,6 +172,12 @@ def validate(recipe: GrpoRecipe, world_size: int = 1) -> None:
         raise UserError(f"train.kl_coef must be >= 0, got {t.kl_coef}")
     if t.advantage not in ADVANTAGES:
         raise UserError(f"train.advantage must be one of {', '.join(ADVANTAGES)}, got {t.advantage!r}")
+    if t.objective not in OBJECTIVES:
+        raise UserError(f"train.objective must be one of {', '.join(OBJECTIVES)}, got {t.objective!r}")
+    if not 1 <= t.raft_keep < t.group_size:
+        raise UserError(f"train.raft_keep must be in [1, group_size), got {t.raft_keep}")
+    if t.objective == "raft" and t.kl_coef > 0:
+        raise UserError("train.kl_coef applies to objective grpo only; set it to 0 for objective raft")
     if t.kl_space not in KL_SPACES:
         raise UserError(f"train.kl_space must be one of {', '.join(KL_SPACES)}, got {t.kl_space!r}")
     if t.lora_rank < 0:
@@ -189,12 +198,16 @@ def nfe_per_iteration(recipe: GrpoRecipe) -> int:
     """Network evaluations per iteration, the convention of `qirl.rl.distill` (a forward of b rows counts
     b, a CFG forward 2b, a training forward + backward 3b): ``B (N r + U W (3 + q))`` with B = P G,
     r = 2 when the rollout uses CFG, U = updates_per_iter, W = window_size, q = 1 with the KL reference
-    (the reference's no-grad forward; the KL reuses the surrogate's own forward) else 0, plus g = 2 per trained step in `both` mode (guided objective: 2 rows)."""
+    (the reference's no-grad forward; the KL reuses the surrogate's own forward) else 0, plus g = 2 per
+    trained step in `both` mode (guided objective: 2 rows). RAFT trains P keep rows W times, once:
+    ``B N r + 3 P keep W``."""
     s, t = recipe.sampling, recipe.train
     b = t.prompts_per_iter * t.group_size
     r = 2 if (s.cfg_mode != "none" and s.guidance > 1.0) else 1
     g = 2 if (s.cfg_mode == "both" and s.guidance > 1.0) else 1
     q = 1 if t.kl_coef > 0 else 0
+    if t.objective == "raft":  # one update, window_size flow-matching draws on P keep rows
+        return b * s.num_steps * r + t.prompts_per_iter * t.raft_keep * s.window_size * 3
     return b * (s.num_steps * r + t.updates_per_iter * s.window_size * (3 * g + q))
 
 
@@ -333,8 +346,14 @@ def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
         t_train = time.perf_counter()
         ratios: list[Tensor] = []
         kls: list[float] = []
-        passes = [(k, n) for k in range(len(chunks)) for n in window]
-        for _epoch in range(tr.updates_per_iter):
+        if tr.objective == "raft":
+            loss_total = _raft_update(view, state, iteration, tr, group.rollouts, chunks, cond, adv, G,
+                                      len(window), gen)
+            ratios.append(torch.ones(1))
+            passes = []
+        else:
+            passes = [(k, n) for k in range(len(chunks)) for n in window]
+        for _epoch in range(tr.updates_per_iter if passes else 0):
             state.opt.zero_grad(set_to_none=True)
             loss_total = 0.0
             finite = True
@@ -428,3 +447,51 @@ def _kl(v: Tensor, v_ref: Tensor, ro: Any, n: int, space: str) -> Tensor:
     if space == "mean":
         sq = sq * sde_kl_factor(float(ro.timesteps[n]), float(ro.timesteps[n + 1]), ro.noise_level)
     return sq
+
+
+def raft_rows(adv: Tensor, group_size: int, keep: int) -> tuple[Tensor, Tensor]:
+    """The rows RAFT trains on: per group the ``keep`` highest advantages (indices [P keep] into the
+    flat [P G] rows) and their weights (1 where A > 0, else 0: a group whose rows all tie teaches
+    nothing). Every group contributes ``keep`` rows, so every rank runs the same number of passes."""
+    a = adv.reshape(-1, group_size)  # [P, G]
+    top = a.topk(keep, dim=1).indices  # [P, keep]
+    rows = (top + torch.arange(a.shape[0])[:, None] * group_size).reshape(-1)  # [P keep]
+    return rows, (adv[rows] > 0).float()
+
+
+def _raft_update(
+    view: Any, state: Any, iteration: int, tr: GrpoTrain, rollouts: list[Any], chunks: list[tuple[int, int]],
+    cond: Any, adv: Tensor, group_size: int, draws: int, gen: torch.Generator,
+) -> float:
+    """One AdamW step of reward-ranked fine-tuning (RAFT; Dong et al. 2023, arXiv:2304.06767): the
+    conditional flow-matching loss (`qirl.sampling.flow_matching_loss`) on each group's best rollouts,
+
+        ``L = sum_i w_i E_{t, eps} || v_theta(x_t, t, c_i) - (eps - x0_i) ||^2 / sum_i w_i``,
+
+    x0_i the rollout's final latents (sampled with CFG: the CFG-free velocity learns the guided
+    samples, as hybrid CFG's objective), t logit-normal (SD3), ``draws`` (t, eps) pairs per row. It
+    regresses on the whole path towards the selected samples instead of crediting the window's noises,
+    so its gradient has none of the surrogate's sampling noise; the price is that rows below the best
+    teach nothing. Returns the loss."""
+    latents = torch.cat([ro.latents for ro in rollouts])  # [B_local, C, H, W]
+    rows, w = raft_rows(adv, group_size, tr.raft_keep)  # [R], [R]
+    norm = max(float(w.sum()), 1.0) * draws
+    chunks_r = micro_batches(len(rows), tr.micro_batch)
+    passes = [(k, d) for k in range(len(chunks_r)) for d in range(draws)]
+    loss_total, finite = 0.0, True
+    state.opt.zero_grad(set_to_none=True)
+    for k, _d in passes:
+        a, b = chunks_r[k]
+        idx = rows[a:b]
+        x0 = latents[idx]  # [b - a, C, H, W]
+        t = sample_train_t(b - a, gen).to(x0.device)  # [b - a]
+        eps = torch.randn(x0.shape, generator=gen).to(x0.device)  # [b - a, C, H, W]
+        with sync_gradients(view, last=(k, _d) == passes[-1]):
+            v = view.velocity(add_noise(x0, eps, t), t, cond.index(idx))  # [b - a, C, H, W]
+            per_row = (v.float() - (eps - x0).float()).square().mean(dim=(1, 2, 3))  # [b - a]
+            loss = (per_row * w[a:b].to(per_row.device)).sum() / norm
+            finite = finite and bool(torch.isfinite(loss))
+            loss_total += float(loss.detach())
+            loss.backward()
+    state.step(finite, iteration, tr)
+    return loss_total
