@@ -172,6 +172,7 @@ def test_resume_is_exact(tmp_path):
         ("train.objective=ppo", "objective"),
         ("train.raft_keep=2", "raft_keep"),  # group_size 2: keeping both rows ranks nothing
         ("train.objective=raft train.kl_coef=0.1", "objective grpo only"),
+        ("train.objective=raft train.raft_require=oracle_bogus", "raft_require"),
     ],
 )
 def test_bad_recipe_is_a_user_error(tmp_path, override, match):
@@ -186,6 +187,14 @@ def test_raft_keeps_each_groups_best_rows_and_drops_ties():
     assert len(rows_) == 6
     assert w[2:4].tolist() == [0.0, 0.0]  # a group whose rows tie teaches nothing
     assert w[:2].tolist() == [1.0, 1.0] and w[4:].tolist() == [1.0, 1.0]
+
+
+def test_raft_with_a_required_reward_keeps_only_rows_that_pass():
+    adv = torch.tensor([1.5, -0.5, 0.5, -1.5, 1.0, 0.5, -0.5, -1.0])  # 2 groups of 4
+    ok = torch.tensor([False, True, False, False, False, False, False, False])
+    rows_, w = raft_rows(adv, group_size=4, keep=2, ok=ok)
+    assert rows_[0].item() == 1 and w[0] == 1.0  # the passing row ranks first, below-mean A or not
+    assert w[1:].tolist() == [0.0, 0.0, 0.0]  # the best failures teach nothing (they would teach not to edit)
 
 
 def test_raft_moves_weights_towards_the_groups_best_and_resumes_exactly(tmp_path):

@@ -66,7 +66,14 @@ from qirl.rl.loop import Session
 from qirl.rl.lora import adapters_disabled
 from qirl.rl.prompts import PromptSource
 from qirl.rl.rollout import SdeSpec, encode_groups, roll_out_groups
-from qirl.sampling import CFG_MODES, add_noise, sample_train_t, sde_kl_factor, trajectory_logprob
+from qirl.sampling import (
+    CFG_MODES,
+    add_noise,
+    guided_velocity,
+    sample_train_t,
+    sde_kl_factor,
+    trajectory_logprob,
+)
 
 SHAPES_T2I = "shapes-t2i"
 
@@ -115,6 +122,9 @@ class GrpoTrain(TrainOptions):
     updates_per_iter: int = 1  # AdamW steps on each rollout batch (> 1: the ratio clip starts to bind)
     objective: str = "grpo"  # grpo: clipped surrogate on the window | raft: flow matching on each group's best
     raft_keep: int = 1  # raft: rows kept per group (the highest combined rewards, only those with A > 0)
+    raft_require: str = ""  # raft: a trained reward's name; only rows scoring >= raft_threshold on it are kept
+    raft_threshold: float = 0.5
+    raft_times: str = "window"  # raft: t uniform over the window's times | all: logit-normal over (0, 1)
     reward_workers: int = 2  # RewardService threads
     max_nan_reward_fraction: float = 0.5  # a run stops (exit 2) when more of an iteration's rewards are NaN
     nan_reward_patience: int = 3  # ... in this many iterations in a row (0: never stop)
@@ -138,6 +148,7 @@ class GrpoRecipe:
 KL_SPACES = ("velocity", "mean")
 ADVANTAGES = ("per_reward", "combined")
 OBJECTIVES = ("grpo", "raft")
+RAFT_TIMES = ("window", "all")
 
 
 def validate(recipe: GrpoRecipe, world_size: int = 1) -> None:
@@ -176,6 +187,8 @@ def validate(recipe: GrpoRecipe, world_size: int = 1) -> None:
         raise UserError(f"train.objective must be one of {', '.join(OBJECTIVES)}, got {t.objective!r}")
     if not 1 <= t.raft_keep < t.group_size:
         raise UserError(f"train.raft_keep must be in [1, group_size), got {t.raft_keep}")
+    if t.raft_times not in RAFT_TIMES:
+        raise UserError(f"train.raft_times must be one of {', '.join(RAFT_TIMES)}, got {t.raft_times!r}")
     if t.objective == "raft" and t.kl_coef > 0:
         raise UserError("train.kl_coef applies to objective grpo only; set it to 0 for objective raft")
     if t.kl_space not in KL_SPACES:
@@ -284,6 +297,8 @@ def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
     s, tr = recipe.sampling, recipe.train
     composite = CompositeReward.from_config(recipe.rewards)
     names = composite.names
+    if tr.raft_require and tr.raft_require not in names:
+        raise UserError(f"train.raft_require must name a trained reward ({', '.join(names)}), got {tr.raft_require!r}")
     prompts_src = PromptSource(recipe.data.prompts, recipe.data.edit_fraction, composite.category_weights)
     reference: list[Any] = []  # the frozen KL reference; a LoRA run gets it by disabling its adapters instead
 
@@ -347,8 +362,10 @@ def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
         ratios: list[Tensor] = []
         kls: list[float] = []
         if tr.objective == "raft":
-            loss_total = _raft_update(view, state, iteration, tr, group.rollouts, chunks, cond, adv, G,
-                                      len(window), gen)
+            ok = None
+            if tr.raft_require:  # NaN (a failed scorer) does not pass
+                ok = rewards[..., names.index(tr.raft_require)].reshape(B_local) >= tr.raft_threshold
+            loss_total = _raft_update(view, state, iteration, tr, group.rollouts, cond, adv, ok, G, window, gen)
             ratios.append(torch.ones(1))
             passes = []
         else:
@@ -449,32 +466,44 @@ def _kl(v: Tensor, v_ref: Tensor, ro: Any, n: int, space: str) -> Tensor:
     return sq
 
 
-def raft_rows(adv: Tensor, group_size: int, keep: int) -> tuple[Tensor, Tensor]:
+def raft_rows(adv: Tensor, group_size: int, keep: int, ok: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The rows RAFT trains on: per group the ``keep`` highest advantages (indices [P keep] into the
-    flat [P G] rows) and their weights (1 where A > 0, else 0: a group whose rows all tie teaches
-    nothing). Every group contributes ``keep`` rows, so every rank runs the same number of passes."""
-    a = adv.reshape(-1, group_size)  # [P, G]
-    top = a.topk(keep, dim=1).indices  # [P, keep]
-    rows = (top + torch.arange(a.shape[0])[:, None] * group_size).reshape(-1)  # [P keep]
-    return rows, (adv[rows] > 0).float()
+    flat [P G] rows) and their weights. Without ``ok`` a row counts where A > 0 (a group whose rows
+    all tie teaches nothing). With ``ok`` [P G] (rejection sampling: the row passed the required
+    reward) the rows that pass rank first and exactly those count, whatever their A: otherwise a group
+    where every row fails the instruction would teach its least-changed output, that is, not to edit.
+    Every group contributes ``keep`` rows, so every rank runs the same number of passes."""
+    rank = adv if ok is None else torch.where(ok, adv, adv - 1e6)  # passing rows first
+    top = rank.reshape(-1, group_size).topk(keep, dim=1).indices  # [P, keep]
+    rows = (top + torch.arange(top.shape[0])[:, None] * group_size).reshape(-1)  # [P keep]
+    return rows, ((adv[rows] > 0) if ok is None else ok[rows]).float()
 
 
 def _raft_update(
-    view: Any, state: Any, iteration: int, tr: GrpoTrain, rollouts: list[Any], chunks: list[tuple[int, int]],
-    cond: Any, adv: Tensor, group_size: int, draws: int, gen: torch.Generator,
+    view: Any, state: Any, iteration: int, tr: GrpoTrain, rollouts: list[Any], cond: Any, adv: Tensor,
+    ok: Tensor | None, group_size: int, window: list[int], gen: torch.Generator,
 ) -> float:
     """One AdamW step of reward-ranked fine-tuning (RAFT; Dong et al. 2023, arXiv:2304.06767): the
     conditional flow-matching loss (`qirl.sampling.flow_matching_loss`) on each group's best rollouts,
 
         ``L = sum_i w_i E_{t, eps} || v_theta(x_t, t, c_i) - (eps - x0_i) ||^2 / sum_i w_i``,
 
-    x0_i the rollout's final latents (sampled with CFG: the CFG-free velocity learns the guided
-    samples, as hybrid CFG's objective), t logit-normal (SD3), ``draws`` (t, eps) pairs per row. It
+    x0_i the rollout's final latents, ``W`` (t, eps) pairs per row (W the window's size), t uniform
+    over the times the SDE window spans (``raft_times=window``: the steps where an outcome is decided,
+    docs/grpo.md; the few-step samples' missing detail, learned at low t, is not taught) or SD3's
+    logit-normal over (0, 1) (``all``). v_theta is the velocity the rollout sampled with: the guided
+    ``v_u + s (v_c - v_u)`` in `both`, the conditional one in `hybrid` and `none`. In `hybrid` the conditional velocity learns guided samples,
+    and sampling with guidance then guides them again: measured in docs/grpo.md, the samples drift. It
     regresses on the whole path towards the selected samples instead of crediting the window's noises,
     so its gradient has none of the surrogate's sampling noise; the price is that rows below the best
     teach nothing. Returns the loss."""
     latents = torch.cat([ro.latents for ro in rollouts])  # [B_local, C, H, W]
-    rows, w = raft_rows(adv, group_size, tr.raft_keep)  # [R], [R]
+    draws = len(window)
+    grid = rollouts[0].timesteps  # [N + 1] from 1 to 0
+    t_hi, t_lo = float(grid[window[0]]), float(grid[window[-1] + 1])  # the times the window's steps span
+    guidance = rollouts[0].guidance
+    guided = rollouts[0].cfg_mode == "both" and guidance > 1.0
+    rows, w = raft_rows(adv, group_size, tr.raft_keep, ok)  # [R], [R]
     norm = max(float(w.sum()), 1.0) * draws
     chunks_r = micro_batches(len(rows), tr.micro_batch)
     passes = [(k, d) for k in range(len(chunks_r)) for d in range(draws)]
@@ -484,10 +513,16 @@ def _raft_update(
         a, b = chunks_r[k]
         idx = rows[a:b]
         x0 = latents[idx]  # [b - a, C, H, W]
-        t = sample_train_t(b - a, gen).to(x0.device)  # [b - a]
+        if tr.raft_times == "window":
+            t = t_lo + (t_hi - t_lo) * torch.rand(b - a, generator=gen)  # [b - a]
+        else:
+            t = sample_train_t(b - a, gen)  # [b - a]
+        t = t.to(x0.device)
         eps = torch.randn(x0.shape, generator=gen).to(x0.device)  # [b - a, C, H, W]
         with sync_gradients(view, last=(k, _d) == passes[-1]):
-            v = view.velocity(add_noise(x0, eps, t), t, cond.index(idx))  # [b - a, C, H, W]
+            c = cond.index(idx)
+            uncond = view.null_condition(c) if guided else None
+            v = guided_velocity(view, add_noise(x0, eps, t), t, c, uncond, guidance)  # [b - a, C, H, W]
             per_row = (v.float() - (eps - x0).float()).square().mean(dim=(1, 2, 3))  # [b - a]
             loss = (per_row * w[a:b].to(per_row.device)).sum() / norm
             finite = finite and bool(torch.isfinite(loss))
