@@ -171,7 +171,6 @@ def test_resume_is_exact(tmp_path):
         ("train.group_size=1", "group_size"),
         ("train.objective=ppo", "objective"),
         ("train.raft_keep=2", "raft_keep"),  # group_size 2: keeping both rows ranks nothing
-        ("train.objective=raft train.kl_coef=0.1", "objective grpo only"),
         ("train.objective=raft train.raft_require=oracle_bogus", "raft_require"),
     ],
 )
@@ -454,3 +453,13 @@ def test_duplicate_monitor_names_are_a_user_error(tmp_path):
     cfg = recipe(tmp_path / "d", "train.iterations=1", "rewards.monitors=[{name: oracle}, {name: oracle}]")
     with pytest.raises(UserError, match="monitor names must be unique"):
         rows(cfg)
+
+
+def test_raft_anchor_is_zero_at_the_reference_then_positive(tmp_path):
+    out = rows(
+        recipe(
+            tmp_path / "a", "train.iterations=2", "train.objective=raft", "train.group_size=3",
+            "train.kl_coef=1.0", "train.raft_require=oracle_alignment", "train.raft_threshold=0.0",
+        )
+    )
+    assert out[0]["kl"] == 0.0 and out[1]["kl"] > 0.0

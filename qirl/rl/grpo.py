@@ -189,8 +189,6 @@ def validate(recipe: GrpoRecipe, world_size: int = 1) -> None:
         raise UserError(f"train.raft_keep must be in [1, group_size), got {t.raft_keep}")
     if t.raft_times not in RAFT_TIMES:
         raise UserError(f"train.raft_times must be one of {', '.join(RAFT_TIMES)}, got {t.raft_times!r}")
-    if t.objective == "raft" and t.kl_coef > 0:
-        raise UserError("train.kl_coef applies to objective grpo only; set it to 0 for objective raft")
     if t.kl_space not in KL_SPACES:
         raise UserError(f"train.kl_space must be one of {', '.join(KL_SPACES)}, got {t.kl_space!r}")
     if t.lora_rank < 0:
@@ -365,7 +363,11 @@ def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
             ok = None
             if tr.raft_require:  # NaN (a failed scorer) does not pass
                 ok = rewards[..., names.index(tr.raft_require)].reshape(B_local) >= tr.raft_threshold
-            loss_total = _raft_update(view, state, iteration, tr, group.rollouts, cond, adv, ok, G, window, gen)
+            anchor = _RaftAnchor(policy, ref, tr.kl_coef) if tr.kl_coef > 0 else None
+            loss_total, kl_total = _raft_update(
+                view, state, iteration, tr, group.rollouts, cond, adv, ok, G, window, gen, anchor
+            )
+            kls.append(kl_total)
             ratios.append(torch.ones(1))
             passes = []
         else:
@@ -481,8 +483,8 @@ def raft_rows(adv: Tensor, group_size: int, keep: int, ok: Tensor | None = None)
 
 def _raft_update(
     view: Any, state: Any, iteration: int, tr: GrpoTrain, rollouts: list[Any], cond: Any, adv: Tensor,
-    ok: Tensor | None, group_size: int, window: list[int], gen: torch.Generator,
-) -> float:
+    ok: Tensor | None, group_size: int, window: list[int], gen: torch.Generator, anchor: _RaftAnchor | None,
+) -> tuple[float, float]:
     """One AdamW step of reward-ranked fine-tuning (RAFT; Dong et al. 2023, arXiv:2304.06767): the
     conditional flow-matching loss (`qirl.sampling.flow_matching_loss`) on each group's best rollouts,
 
@@ -496,7 +498,10 @@ def _raft_update(
     and sampling with guidance then guides them again: measured in docs/grpo.md, the samples drift. It
     regresses on the whole path towards the selected samples instead of crediting the window's noises,
     so its gradient has none of the surrogate's sampling noise; the price is that rows below the best
-    teach nothing. Returns the loss."""
+    teach nothing. With an ``anchor`` (``kl_coef`` > 0) the rows not kept, as many as were kept, hold
+    their velocity at the frozen reference's at their own noised latents, ``kl_coef mean || v_theta -
+    v_ref ||^2`` on the same t, so what is learned on the kept rows does not drift the rest. Returns
+    (loss, anchor term)."""
     latents = torch.cat([ro.latents for ro in rollouts])  # [B_local, C, H, W]
     draws = len(window)
     grid = rollouts[0].timesteps  # [N + 1] from 1 to 0
@@ -504,10 +509,14 @@ def _raft_update(
     guidance = rollouts[0].guidance
     guided = rollouts[0].cfg_mode == "both" and guidance > 1.0
     rows, w = raft_rows(adv, group_size, tr.raft_keep, ok)  # [R], [R]
+    others = torch.ones(len(adv), dtype=torch.bool)
+    others[rows[w > 0]] = False
+    pool = others.nonzero().reshape(-1)  # the rows not learned from
+    held = pool[torch.randperm(len(pool), generator=gen)[: len(rows)]]  # [<= R] anchor rows
     norm = max(float(w.sum()), 1.0) * draws
     chunks_r = micro_batches(len(rows), tr.micro_batch)
     passes = [(k, d) for k in range(len(chunks_r)) for d in range(draws)]
-    loss_total, finite = 0.0, True
+    loss_total, kl_total, finite = 0.0, 0.0, True
     state.opt.zero_grad(set_to_none=True)
     for k, _d in passes:
         a, b = chunks_r[k]
@@ -519,14 +528,40 @@ def _raft_update(
             t = sample_train_t(b - a, gen)  # [b - a]
         t = t.to(x0.device)
         eps = torch.randn(x0.shape, generator=gen).to(x0.device)  # [b - a, C, H, W]
+        h = held[a:b] if anchor is not None else held[:0]
+        if len(h):  # the reference first: with LoRA it switches the adapters off (see _reference_velocity)
+            x_h, t_h, c_h = add_noise(latents[h], eps[: len(h)], t[: len(h)]), t[: len(h)], cond.index(h)
+            v_ref = anchor.reference_velocity(x_h, t_h, c_h)  # [h, C, H, W]
         with sync_gradients(view, last=(k, _d) == passes[-1]):
             c = cond.index(idx)
             uncond = view.null_condition(c) if guided else None
             v = guided_velocity(view, add_noise(x0, eps, t), t, c, uncond, guidance)  # [b - a, C, H, W]
             per_row = (v.float() - (eps - x0).float()).square().mean(dim=(1, 2, 3))  # [b - a]
             loss = (per_row * w[a:b].to(per_row.device)).sum() / norm
+            if len(h):
+                kl = (view.velocity(x_h, t_h, c_h).float() - v_ref).square().mean() / draws
+                loss = loss + anchor.coef * kl
+                kl_total += float(kl.detach())
             finite = finite and bool(torch.isfinite(loss))
             loss_total += float(loss.detach())
             loss.backward()
     state.step(finite, iteration, tr)
-    return loss_total
+    return loss_total, kl_total
+
+
+@dataclass
+class _RaftAnchor:
+    """RAFT's KL anchor ``kl_coef mean || v_theta(x_t, t, c) - v_ref(x_t, t, c) ||^2`` (CFG-free, velocity
+    space, as GRPO's `_kl`) at rows' noised latents ``x_t = (1 - t) x0 + t eps``. The reference is the
+    frozen copy or, for LoRA, the policy with its adapters off."""
+
+    policy: Any
+    reference: Any | None
+    coef: float
+
+    @torch.no_grad()
+    def reference_velocity(self, x_t: Tensor, t: Tensor, cond: Any) -> Tensor:
+        if self.reference is not None:
+            return self.reference.velocity(x_t, t, cond).float()
+        with adapters_disabled(self.policy):
+            return self.policy.velocity(x_t, t, cond).float()
