@@ -244,3 +244,16 @@ def test_edit_reward_recipes_load():
     assert names == [("vlm_pointwise", "alignment"), ("vlm_pointwise", "quality"), ("oracle_identity", None)]
     assert all(m.args.get("path") == rm.run.out_dir + "/model" for m in g.rewards.models[:2])
     assert [m.name for m in g.rewards.monitors] == ["oracle_edit"]  # the judge only watches
+
+
+def test_edit_raft_recipe_is_the_edit_recipe_with_the_raft_update():
+    """recipes/edit_raft.yaml rolls out and rewards as recipes/edit.yaml; only the update differs."""
+    from qirl.rl.grpo import GrpoRecipe, validate
+
+    raft = load_recipe(GrpoRecipe, "recipes/edit_raft.yaml", [])
+    grpo = load_recipe(GrpoRecipe, "recipes/edit.yaml", [])
+    validate(raft)
+    assert raft.sampling == grpo.sampling and raft.rewards == grpo.rewards and raft.data == grpo.data
+    t = raft.train
+    assert (t.objective, t.raft_require, t.raft_times) == ("raft", "oracle_instruction", "window")
+    assert t.kl_coef > 0 and t.raft_require in [m.name for m in raft.rewards.models]

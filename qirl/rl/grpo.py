@@ -24,7 +24,8 @@ One iteration (design, "Data flow: GRPO iteration"):
    size), gradients are accumulated, clipped to ``grad_clip`` and applied in ONE AdamW step per
    iteration (``updates_per_iter`` > 1 repeats the update on the same rollouts; only then does the
    ratio leave 1 and the clip bind). A non-finite loss or gradient norm skips the step (weights and
-   optimizer untouched).
+   optimizer untouched). ``objective=raft`` replaces this step with reward-ranked fine-tuning on the
+   same rollouts (`_raft_update`: flow matching on each group's best rows, an optional anchor).
 5. Metrics per iteration (JSONL, and TensorBoard when installed); every ``eval.every`` iterations the
    oracle scores on held-out prompts (`qirl.rl.heldout`: deterministic ODE sampling, fixed noise, a
    sample grid per task under ``<out_dir>/grids``) so reward hacking shows against the training reward.
