@@ -122,7 +122,7 @@ class GrpoTrain(TrainOptions):
     adv_eps: float = 1e-4
     updates_per_iter: int = 1  # AdamW steps on each rollout batch (> 1: the ratio clip starts to bind)
     objective: str = "grpo"  # grpo: clipped surrogate on the window | raft: flow matching on each group's best
-    raft_keep: int = 1  # raft: rows kept per group (the highest combined rewards, only those with A > 0)
+    raft_keep: int = 1  # raft: rows kept per group (the highest advantages; without raft_require only A > 0)
     raft_require: str = ""  # raft: a trained reward's name; only rows scoring >= raft_threshold on it are kept
     raft_threshold: float = 0.5
     raft_times: str = "window"  # raft: t uniform over the window's times | all: logit-normal over (0, 1)
@@ -211,15 +211,16 @@ def nfe_per_iteration(recipe: GrpoRecipe) -> int:
     b, a CFG forward 2b, a training forward + backward 3b): ``B (N r + U W (3 + q))`` with B = P G,
     r = 2 when the rollout uses CFG, U = updates_per_iter, W = window_size, q = 1 with the KL reference
     (the reference's no-grad forward; the KL reuses the surrogate's own forward) else 0, plus g = 2 per
-    trained step in `both` mode (guided objective: 2 rows). RAFT trains P keep rows W times, once:
-    ``B N r + 3 P keep W``."""
+    trained step in `both` mode (guided objective: 2 rows). RAFT trains P keep rows W times, once, and
+    with the anchor as many unkept rows (a reference forward and a training forward + backward):
+    ``B N r + P keep W (3 g + 4 q)``."""
     s, t = recipe.sampling, recipe.train
     b = t.prompts_per_iter * t.group_size
     r = 2 if (s.cfg_mode != "none" and s.guidance > 1.0) else 1
     g = 2 if (s.cfg_mode == "both" and s.guidance > 1.0) else 1
     q = 1 if t.kl_coef > 0 else 0
-    if t.objective == "raft":  # one update, window_size flow-matching draws on P keep rows
-        return b * s.num_steps * r + t.prompts_per_iter * t.raft_keep * s.window_size * 3
+    if t.objective == "raft":  # one update, window_size flow-matching draws on P keep rows (+ anchor rows)
+        return b * s.num_steps * r + t.prompts_per_iter * t.raft_keep * s.window_size * (3 * g + 4 * q)
     return b * (s.num_steps * r + t.updates_per_iter * s.window_size * (3 * g + q))
 
 
@@ -495,8 +496,8 @@ def _raft_update(
     over the times the SDE window spans (``raft_times=window``: the steps where an outcome is decided,
     docs/grpo.md; the few-step samples' missing detail, learned at low t, is not taught) or SD3's
     logit-normal over (0, 1) (``all``). v_theta is the velocity the rollout sampled with: the guided
-    ``v_u + s (v_c - v_u)`` in `both`, the conditional one in `hybrid` and `none`. In `hybrid` the conditional velocity learns guided samples,
-    and sampling with guidance then guides them again: measured in docs/grpo.md, the samples drift. It
+    ``v_u + s (v_c - v_u)`` in `both`, the conditional one in `hybrid` and `none`. In `hybrid` the
+    conditional velocity learns guided samples, and sampling with guidance then guides them again. It
     regresses on the whole path towards the selected samples instead of crediting the window's noises,
     so its gradient has none of the surrogate's sampling noise; the price is that rows below the best
     teach nothing. With an ``anchor`` (``kl_coef`` > 0) the rows not kept, as many as were kept, hold
@@ -540,7 +541,8 @@ def _raft_update(
             per_row = (v.float() - (eps - x0).float()).square().mean(dim=(1, 2, 3))  # [b - a]
             loss = (per_row * w[a:b].to(per_row.device)).sum() / norm
             if len(h):
-                kl = (view.velocity(x_h, t_h, c_h).float() - v_ref).square().mean() / draws
+                sq = (view.velocity(x_h, t_h, c_h).float() - v_ref).square().mean()
+                kl = sq * len(h) / (len(held) * draws)  # this pass's share of the mean over held rows
                 loss = loss + anchor.coef * kl
                 kl_total += float(kl.detach())
             finite = finite and bool(torch.isfinite(loss))
