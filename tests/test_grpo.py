@@ -196,7 +196,33 @@ def test_raft_with_a_required_reward_keeps_only_rows_that_pass():
     assert w[1:].tolist() == [0.0, 0.0, 0.0]  # the best failures teach nothing (they would teach not to edit)
 
 
-def test_raft_moves_weights_towards_the_groups_best_and_resumes_exactly(tmp_path):
+def test_raft_loss_comes_from_the_kept_rows_only():
+    """Changing an output that was not kept leaves RAFT's loss as it was; changing a kept one does not."""
+    from types import SimpleNamespace
+
+    from qirl.rl.grpo import _raft_update
+    from qirl.rl.rollout import encode_groups
+    from qirl.sampling import timesteps
+
+    policy = load_policy("base")
+    tr = GrpoTrain(objective="raft", raft_keep=1, micro_batch=4)
+    state = SimpleNamespace(opt=torch.optim.SGD(policy.trainable_parameters(), lr=0.0), step=lambda *a: None)
+    cond = encode_groups(policy, ["a red circle", "a blue square"], [None, None], 3)  # 2 groups of 3
+    adv = torch.tensor([1.0, -0.5, -0.5, -0.5, 1.0, -0.5])  # kept: rows 0 and 4
+
+    def loss(latents: torch.Tensor) -> float:
+        ro = SimpleNamespace(latents=latents, timesteps=timesteps(4), guidance=1.0, cfg_mode="hybrid")
+        gen = torch.Generator().manual_seed(0)
+        return _raft_update(policy, state, 0, tr, [ro], cond, adv, None, 3, [0, 1], gen, None)[0]
+
+    x = torch.randn((6, *policy.latent_shape), generator=torch.Generator().manual_seed(1))
+    unkept, kept = x.clone(), x.clone()
+    unkept[[1, 2, 3, 5]] += 1.0
+    kept[4] += 1.0
+    assert loss(unkept) == loss(x) != loss(kept)
+
+
+def test_raft_trains_and_resumes_exactly(tmp_path):
     raft = ["train.objective=raft", "train.group_size=3", "run.checkpoint_every=1"]
     full = rows(recipe(tmp_path / "full", "train.iterations=2", *raft))
     assert full[0]["loss"] > 0 and full[0]["grad_norm"] > 0 and full[-1]["done"]

@@ -370,42 +370,41 @@ def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
                 view, state, iteration, tr, group.rollouts, cond, adv, ok, G, window, gen, anchor
             )
             kls.append(kl_total)
-            ratios.append(torch.ones(1))
-            passes = []
+            ratios.append(torch.ones(1))  # no importance ratio in RAFT: logged as 1
         else:
             passes = [(k, n) for k in range(len(chunks)) for n in window]
-        for _epoch in range(tr.updates_per_iter if passes else 0):
-            state.opt.zero_grad(set_to_none=True)
-            loss_total = 0.0
-            finite = True
-            for k, n in passes:
-                (a, b), ro = chunks[k], group.rollouts[k]
-                c_mb = cond.index(slice(a, b))
-                # Each rank's loss is the mean over its rows; DDP/FSDP average the gradients, which
-                # is the global mean because every rank has B_local rows.
-                share = (b - a) / (B_local * len(window))
-                # The reference velocity comes first: with LoRA it is the policy with its adapters
-                # switched off, which must not happen between the forward and its backward.
-                v_ref = _reference_velocity(policy, ref, ro, n, c_mb) if tr.kl_coef > 0 else None
-                with sync_gradients(view, last=(k, n) == passes[-1]):
-                    logp, v_c = trajectory_logprob(
-                        view, ro, n, c_mb, return_velocity=True, detach_uncond=s.detach_uncond
-                    )  # [b - a], [b - a, C, H, W]
-                    a_mb = adv[a:b].to(logp.device)  # [b - a]
-                    ratio = torch.exp(logp - ro.logps_old[n])
-                    clipped = ratio.clamp(1 - tr.clip_range, 1 + tr.clip_range)
-                    loss = -torch.minimum(ratio * a_mb, clipped * a_mb).mean()
-                    if v_ref is not None:  # on the surrogate's own forward: no second forward/backward
-                        kl = _kl(v_c, v_ref, ro, n, tr.kl_space)
-                        loss = loss + tr.kl_coef * kl
-                        kls.append(float(kl.detach()))
-                    loss = loss * share
-                    if not torch.isfinite(loss):
-                        finite = False
-                    loss_total += float(loss.detach())
-                    loss.backward()
-                ratios.append(ratio.detach().float().cpu())
-            state.step(finite, iteration, tr)  # a skipped step leaves the weights untouched
+            for _epoch in range(tr.updates_per_iter):
+                state.opt.zero_grad(set_to_none=True)
+                loss_total = 0.0
+                finite = True
+                for k, n in passes:
+                    (a, b), ro = chunks[k], group.rollouts[k]
+                    c_mb = cond.index(slice(a, b))
+                    # Each rank's loss is the mean over its rows; DDP/FSDP average the gradients, which
+                    # is the global mean because every rank has B_local rows.
+                    share = (b - a) / (B_local * len(window))
+                    # The reference velocity comes first: with LoRA it is the policy with its adapters
+                    # switched off, which must not happen between the forward and its backward.
+                    v_ref = _reference_velocity(policy, ref, ro, n, c_mb) if tr.kl_coef > 0 else None
+                    with sync_gradients(view, last=(k, n) == passes[-1]):
+                        logp, v_c = trajectory_logprob(
+                            view, ro, n, c_mb, return_velocity=True, detach_uncond=s.detach_uncond
+                        )  # [b - a], [b - a, C, H, W]
+                        a_mb = adv[a:b].to(logp.device)  # [b - a]
+                        ratio = torch.exp(logp - ro.logps_old[n])
+                        clipped = ratio.clamp(1 - tr.clip_range, 1 + tr.clip_range)
+                        loss = -torch.minimum(ratio * a_mb, clipped * a_mb).mean()
+                        if v_ref is not None:  # on the surrogate's own forward: no second forward/backward
+                            kl = _kl(v_c, v_ref, ro, n, tr.kl_space)
+                            loss = loss + tr.kl_coef * kl
+                            kls.append(float(kl.detach()))
+                        loss = loss * share
+                        if not torch.isfinite(loss):
+                            finite = False
+                        loss_total += float(loss.detach())
+                        loss.backward()
+                    ratios.append(ratio.detach().float().cpu())
+                state.step(finite, iteration, tr)  # a skipped step leaves the weights untouched
         train_s = time.perf_counter() - t_train
         # 5. metrics (gathered over ranks: the global batch) -----------------------------------------
         r_all = world.gather_rows(_stats(ratios))
