@@ -172,6 +172,7 @@ def test_resume_is_exact(tmp_path):
         ("train.objective=ppo", "objective"),
         ("train.raft_keep=2", "raft_keep"),  # group_size 2: keeping both rows ranks nothing
         ("train.objective=raft train.raft_require=oracle_bogus", "raft_require"),
+        ("train.raft_anchor_times=late", "raft_anchor_times"),
     ],
 )
 def test_bad_recipe_is_a_user_error(tmp_path, override, match):
@@ -220,6 +221,39 @@ def test_raft_loss_comes_from_the_kept_rows_only():
     unkept[[1, 2, 3, 5]] += 1.0
     kept[4] += 1.0
     assert loss(unkept) == loss(x) != loss(kept)
+
+
+@pytest.mark.parametrize("anchor_times", ["window", "all"])
+def test_raft_anchor_holds_the_window_or_the_whole_path(anchor_times):
+    """The anchor rows' t lie in the window's span (``window``) or range over (0, 1) (``all``)."""
+    from types import SimpleNamespace
+
+    from qirl.rl.grpo import _raft_update
+    from qirl.rl.rollout import encode_groups
+    from qirl.sampling import timesteps
+
+    policy = load_policy("base")
+    tr = GrpoTrain(objective="raft", raft_keep=1, micro_batch=8, raft_anchor_times=anchor_times)
+    state = SimpleNamespace(opt=torch.optim.SGD(policy.trainable_parameters(), lr=0.0), step=lambda *a: None)
+    cond = encode_groups(policy, ["a red circle"] * 8, [None] * 8, 4)  # 8 groups of 4
+    adv = torch.tensor([1.0, -1.0, -1.0, -1.0] * 8)  # kept: the first row of each group
+    seen: list[torch.Tensor] = []
+
+    class Recorder:
+        coef = 1.0
+
+        def reference_velocity(self, x_t, t, c):
+            seen.append(t.clone())
+            return policy.velocity(x_t, t, c).detach().float()
+
+    grid = timesteps(10)  # the window is steps 0..1: t over [grid[2], 1]
+    ro = SimpleNamespace(latents=torch.randn(32, *policy.latent_shape), timesteps=grid, guidance=1.0,
+                         cfg_mode="hybrid")
+    _raft_update(policy, state, 0, tr, [ro], cond, adv, None, 4, [0, 1], torch.Generator().manual_seed(0),
+                 Recorder())
+    t = torch.cat(seen)  # [8 anchor rows x 2 draws]
+    inside = bool((t >= float(grid[2]) - 1e-6).all())
+    assert inside == (anchor_times == "window")
 
 
 def test_raft_trains_and_resumes_exactly(tmp_path):
@@ -481,11 +515,13 @@ def test_duplicate_monitor_names_are_a_user_error(tmp_path):
         rows(cfg)
 
 
-def test_raft_anchor_is_zero_at_the_reference_then_positive(tmp_path):
+@pytest.mark.parametrize("anchor_times", ["window", "all"])
+def test_raft_anchor_is_zero_at_the_reference_then_positive(tmp_path, anchor_times):
     out = rows(
         recipe(
             tmp_path / "a", "train.iterations=2", "train.objective=raft", "train.group_size=3",
             "train.kl_coef=1.0", "train.raft_require=oracle_alignment", "train.raft_threshold=0.0",
+            f"train.raft_anchor_times={anchor_times}",
         )
     )
     assert out[0]["kl"] == 0.0 and out[1]["kl"] > 0.0
