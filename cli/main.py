@@ -593,6 +593,22 @@ def eval_arena(
     print_summary(summary if json_out else flat_summary(summary), json_out, "arena")
 
 
+@eval_app.command("seeds")
+@user_errors
+def eval_seeds(
+    bench: Annotated[Path, typer.Argument(help="A bench folder whose models include each arm's training seeds.")],
+    arm: Annotated[
+        list[str], typer.Option(help="NAME=LABEL[,LABEL...]: the bench labels of one recipe's training seeds (repeatable).")
+    ],
+    json_out: AsJson = False,
+) -> None:
+    """A recipe over its training seeds: mean paired change over the bench's first model, 95% t interval."""
+    from qirl.eval.seeds import flat_rows, seed_summary
+
+    summary = seed_summary(bench, arm)
+    print_rows(summary["rows"] if json_out else flat_rows(summary), json_out, f"training seeds ({bench})")
+
+
 @eval_app.command("report")
 @user_errors
 def eval_report(
