@@ -223,9 +223,9 @@ def test_raft_loss_comes_from_the_kept_rows_only():
     assert loss(unkept) == loss(x) != loss(kept)
 
 
-@pytest.mark.parametrize("anchor_times", ["window", "all"])
+@pytest.mark.parametrize("anchor_times", ["kept", "all"])
 def test_raft_anchor_holds_the_window_or_the_whole_path(anchor_times):
-    """The anchor rows' t lie in the window's span (``window``) or range over (0, 1) (``all``)."""
+    """The anchor rows' t lie in the window's span as the kept rows' do (``kept``) or range over (0, 1) (``all``)."""
     from types import SimpleNamespace
 
     from qirl.rl.grpo import _raft_update
@@ -253,7 +253,7 @@ def test_raft_anchor_holds_the_window_or_the_whole_path(anchor_times):
                  Recorder())
     t = torch.cat(seen)  # [8 anchor rows x 2 draws]
     inside = bool((t >= float(grid[2]) - 1e-6).all())
-    assert inside == (anchor_times == "window")
+    assert inside == (anchor_times == "kept")
 
 
 def test_raft_trains_and_resumes_exactly(tmp_path):
@@ -515,7 +515,7 @@ def test_duplicate_monitor_names_are_a_user_error(tmp_path):
         rows(cfg)
 
 
-@pytest.mark.parametrize("anchor_times", ["window", "all"])
+@pytest.mark.parametrize("anchor_times", ["kept", "all"])
 def test_raft_anchor_is_zero_at_the_reference_then_positive(tmp_path, anchor_times):
     out = rows(
         recipe(

@@ -126,7 +126,7 @@ class GrpoTrain(TrainOptions):
     raft_require: str = ""  # raft: a trained reward's name; only rows scoring >= raft_threshold on it are kept
     raft_threshold: float = 0.5
     raft_times: str = "window"  # raft: t uniform over the window's times | all: logit-normal over (0, 1)
-    raft_anchor_times: str = "window"  # raft anchor rows' t: the kept rows' draws | all: logit-normal over (0, 1)
+    raft_anchor_times: str = "kept"  # raft anchor's t: the kept rows' draws | all: logit-normal (worse: docs/grpo.md R11)
     reward_workers: int = 2  # RewardService threads
     max_nan_reward_fraction: float = 0.5  # a run stops (exit 2) when more of an iteration's rewards are NaN
     nan_reward_patience: int = 3  # ... in this many iterations in a row (0: never stop)
@@ -151,6 +151,7 @@ KL_SPACES = ("velocity", "mean")
 ADVANTAGES = ("per_reward", "combined")
 OBJECTIVES = ("grpo", "raft")
 RAFT_TIMES = ("window", "all")
+ANCHOR_TIMES = ("kept", "all")
 
 
 def validate(recipe: GrpoRecipe, world_size: int = 1) -> None:
@@ -191,9 +192,9 @@ def validate(recipe: GrpoRecipe, world_size: int = 1) -> None:
         raise UserError(f"train.raft_keep must be in [1, group_size), got {t.raft_keep}")
     if t.raft_times not in RAFT_TIMES:
         raise UserError(f"train.raft_times must be one of {', '.join(RAFT_TIMES)}, got {t.raft_times!r}")
-    if t.raft_anchor_times not in RAFT_TIMES:
+    if t.raft_anchor_times not in ANCHOR_TIMES:
         raise UserError(
-            f"train.raft_anchor_times must be one of {', '.join(RAFT_TIMES)}, got {t.raft_anchor_times!r}"
+            f"train.raft_anchor_times must be one of {', '.join(ANCHOR_TIMES)}, got {t.raft_anchor_times!r}"
         )
     if t.kl_space not in KL_SPACES:
         raise UserError(f"train.kl_space must be one of {', '.join(KL_SPACES)}, got {t.kl_space!r}")
@@ -507,7 +508,7 @@ def _raft_update(
     teach nothing. With an ``anchor`` (``kl_coef`` > 0) the rows not kept, as many as were kept, hold
     their velocity at the frozen reference's at their own noised latents, ``kl_coef mean || v_theta -
     v_ref ||^2``, so what is learned on the kept rows does not drift the rest. The anchor's t is the
-    kept rows' draw (``raft_anchor_times=window``) or its own logit-normal draw over (0, 1) (``all``:
+    kept rows' draw (``raft_anchor_times=kept``) or its own logit-normal draw over (0, 1) (``all``:
     it also holds the low-noise steps, where the outputs' detail is drawn). Returns (loss, anchor term)."""
     latents = torch.cat([ro.latents for ro in rollouts])  # [B_local, C, H, W]
     draws = len(window)
@@ -537,7 +538,7 @@ def _raft_update(
         eps = torch.randn(x0.shape, generator=gen).to(x0.device)  # [b - a, C, H, W]
         h = held[a:b] if anchor is not None else held[:0]
         if len(h):  # the reference first: with LoRA it switches the adapters off (see _reference_velocity)
-            t_h = t[: len(h)] if tr.raft_anchor_times == "window" else sample_train_t(len(h), gen).to(t.device)
+            t_h = t[: len(h)] if tr.raft_anchor_times == "kept" else sample_train_t(len(h), gen).to(t.device)
             x_h, c_h = add_noise(latents[h], eps[: len(h)], t_h), cond.index(h)  # [h, C, H, W]
             v_ref = anchor.reference_velocity(x_h, t_h, c_h)  # [h, C, H, W]
         with sync_gradients(view, last=(k, _d) == passes[-1]):
