@@ -16,16 +16,15 @@ also depends on the training seed, which one model cannot show. This pools an ar
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
+from statistics import fmean
 from typing import Any
 
 from scipy import stats
 
 from qirl.errors import UserError
+from qirl.eval.bench import MARKER
 from qirl.eval.io import read_json
-
-MARKER = "bench.json"
 
 
 def parse_arms(specs: list[str]) -> dict[str, list[str]]:
@@ -45,14 +44,13 @@ def parse_arms(specs: list[str]) -> dict[str, list[str]]:
 
 
 def mean_interval(values: list[float]) -> tuple[float, list[float] | None]:
-    """Mean and 95% Student-t interval over ``values`` (None for a single value)."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
+    """Mean and 95% Student-t interval over ``values`` (None for a single value): scipy's
+    ``t.interval`` with the standard error of the mean, ``s / sqrt(n)``."""
+    mean = fmean(values)
+    if len(values) < 2:
         return mean, None
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
-    return mean, [mean - half, mean + half]
+    lo, hi = stats.t.interval(0.95, len(values) - 1, loc=mean, scale=stats.sem(values))
+    return mean, [float(lo), float(hi)]
 
 
 def seed_summary(bench: str | Path, arm_specs: list[str]) -> dict[str, Any]:
@@ -78,9 +76,9 @@ def seed_summary(bench: str | Path, arm_specs: list[str]) -> dict[str, Any]:
             per = [results[m][task] for m in members]
             changes = [r["vs"][reference]["change"] for r in per]
             change, ci = mean_interval(changes)
-            overall, _ = mean_interval([r["overall"] for r in per])
+            overall = fmean(r["overall"] for r in per)
             pillars = {
-                p: round(mean_interval([r["pillars"][p] - v for r in per])[0], 2)
+                p: round(fmean(r["pillars"][p] - v for r in per), 2)
                 for p, v in ref["pillars"].items()
                 if v is not None and all(r["pillars"].get(p) is not None for r in per)
             }
