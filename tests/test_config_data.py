@@ -183,14 +183,17 @@ def test_recipe_include_merges_under_the_section(tmp_path):
 def test_validation_sets_are_fixed_and_disjoint_from_heldout_and_training_pools():
     from qirl.prompt_sets import VAL_EXCLUDED_POOL, _identity, builtin_prompts, generated_pool
 
-    for task in ("t2i", "edit"):
-        val = builtin_prompts(f"val-{task}")
-        assert val == builtin_prompts(f"val-{task}")  # fixed seeds
+    for task, name in (("t2i", "val-t2i"), ("edit", "val-edit"), ("edit", "val-edit-large")):
+        val = builtin_prompts(name)
+        assert val == builtin_prompts(name)  # fixed seeds
         assert {r.task for r in val} == {task}
         assert len({_identity(r) for r in val}) > 0.9 * len(val)
         seen = {_identity(r) for r in builtin_prompts(f"heldout-{task}")}
         seen |= {_identity(r) for r in generated_pool(f"shapes-{task}", VAL_EXCLUDED_POOL)}
         assert not seen & {_identity(r) for r in val}
+    large = {_identity(r) for r in builtin_prompts("val-edit-large")}
+    assert not {_identity(r) for r in builtin_prompts("val-edit")} & large
+    assert not {_identity(r) for r in builtin_prompts("heldout-edit-large")} & (large | seen)
     categories = {r.category for r in builtin_prompts("val-t2i")}
     assert categories == {r.category for r in builtin_prompts("heldout-t2i")}  # every pillar is measured
 

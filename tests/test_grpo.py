@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from qirl.config import load_recipe
 from qirl.errors import UserError
 from qirl.models.registry import load_policy
 from qirl.rewards.base import RewardModel, register_reward
-from qirl.rl.grpo import GrpoRecipe, GrpoTrain, advantages, grpo, raft_rows
+from qirl.rl.grpo import GrpoRecipe, GrpoTrain, advantages, dpo_pairs, grpo, nfe_per_iteration, raft_rows
 
 TINY = [
     "train.prompts_per_iter=2",
@@ -173,6 +174,11 @@ def test_resume_is_exact(tmp_path):
         ("train.raft_keep=2", "raft_keep"),  # group_size 2: keeping both rows ranks nothing
         ("train.objective=raft train.raft_require=oracle_bogus", "raft_require"),
         ("train.raft_anchor_times=late", "raft_anchor_times"),
+        ("train.objective=dpo sampling.cfg_mode=both", "conditional velocity"),
+        ("train.objective=dpo train.group_size=3 train.raft_keep=2", "group_size / 2"),
+        ("train.objective=dpo train.dpo_beta=0", "dpo_beta"),
+        ("train.ptx_coef=-1", "ptx_coef"),
+        ("train.ptx_batch=0", "ptx_batch"),
     ],
 )
 def test_bad_recipe_is_a_user_error(tmp_path, override, match):
@@ -256,8 +262,10 @@ def test_raft_anchor_holds_the_window_or_the_whole_path(anchor_times):
     assert inside == (anchor_times == "kept")
 
 
-def test_raft_trains_and_resumes_exactly(tmp_path):
-    raft = ["train.objective=raft", "train.group_size=3", "run.checkpoint_every=1"]
+@pytest.mark.parametrize("objective", ["raft", "dpo", "raft train.ptx_coef=1.0 train.ptx_batch=3"])
+def test_raft_and_dpo_train_and_resume_exactly(tmp_path, objective):
+    raft = [f"train.objective={objective}", "train.group_size=3", "run.checkpoint_every=1"]
+    raft = " ".join(raft).split()
     full = rows(recipe(tmp_path / "full", "train.iterations=2", *raft))
     assert full[0]["loss"] > 0 and full[0]["grad_norm"] > 0 and full[-1]["done"]
     rows(recipe(tmp_path / "cut", "train.iterations=1", *raft))
@@ -268,6 +276,78 @@ def test_raft_trains_and_resumes_exactly(tmp_path):
     assert any(not torch.equal(t, base[n]) for n, t in a.tensors["model"].items() if n in base)
     for name, tensor in a.tensors["model"].items():
         assert torch.equal(tensor, b.tensors["model"][name]), name
+
+
+def test_dpo_pairs_each_groups_best_with_its_worst():
+    adv = torch.tensor([0.5, -1.0, 1.5, -0.2, 0.0, 0.0, 0.0, 0.0])  # 2 groups of 4
+    winners, losers, w = dpo_pairs(adv, group_size=4, keep=2)
+    assert winners[:2].tolist() == [2, 0] and losers[:2].tolist() == [1, 3]  # best with worst, next with next
+    assert w.tolist() == [1.0, 1.0, 0.0, 0.0]  # a group whose rows tie has no preference
+    ok = torch.tensor([False, True, False, False] * 2)  # rejection sampling: only row 1 carries the edit out
+    winners, losers, w = dpo_pairs(adv, group_size=4, keep=1, ok=ok)
+    assert winners[0].item() == 1 and losers[0].item() == 1 and w.tolist() == [0.0, 0.0]  # no pair beats itself
+
+
+def _dpo_loss_and_grad(latents: torch.Tensor, adv: torch.Tensor) -> tuple[float, float]:
+    """`_dpo_update` on 2 groups of 3 rows with the policy as its own reference: (loss, gradient norm)."""
+    from types import SimpleNamespace
+
+    from qirl.rl.grpo import _dpo_update, _Reference
+    from qirl.rl.rollout import encode_groups
+    from qirl.sampling import timesteps
+
+    policy = load_policy("base")
+    frozen = load_policy("base").requires_grad_(False)
+    tr = GrpoTrain(objective="dpo", raft_keep=1, micro_batch=4)
+    state = SimpleNamespace(opt=torch.optim.SGD(policy.trainable_parameters(), lr=0.0), step=lambda *a: None)
+    cond = encode_groups(policy, ["a red circle", "a blue square"], [None, None], 3)
+    ro = SimpleNamespace(latents=latents, timesteps=timesteps(4), guidance=1.0, cfg_mode="hybrid")
+    loss, metrics = _dpo_update(policy, state, 0, tr, [ro], cond, adv, None, 3, [0, 1],
+                                torch.Generator().manual_seed(0), _Reference(policy, frozen, 0.0))
+    grad = torch.cat([p.grad.reshape(-1) for p in policy.trainable_parameters() if p.grad is not None])
+    assert metrics["dpo_margin"] == 0.0  # at the reference the implicit rewards tie
+    return loss, float(grad.norm())
+
+
+def test_dpo_starts_at_log_two_and_learns_only_what_tells_a_pair_apart():
+    adv = torch.tensor([1.0, 0.0, -1.0, 1.0, 0.0, -1.0])  # pairs: rows 0 vs 2 and 3 vs 5
+    x = torch.randn((6, *load_policy("base").latent_shape), generator=torch.Generator().manual_seed(1))
+    loss, grad = _dpo_loss_and_grad(x, adv)
+    assert loss == pytest.approx(math.log(2.0), rel=1e-6) and grad > 0
+    same = x.clone()
+    same[[2, 5]] = x[[0, 3]]  # each loser is its winner: nothing tells them apart
+    assert _dpo_loss_and_grad(same, adv)[1] < 1e-4 * grad  # zero up to the batched forward's rounding
+
+
+def test_dpo_counts_its_network_evaluations(tmp_path):
+    cfg = recipe(tmp_path / "d", "train.iterations=1", "train.objective=dpo")
+    first = rows(cfg)[0]
+    assert first["nfe"] == nfe_per_iteration(cfg) == 4 * 3 * 2 + 2 * 1 * 2 * 8  # rollouts + 2 pairs x 2 draws
+    assert {"dpo_margin", "dpo_accuracy"} <= first.keys()
+
+
+def test_pretrain_mix_draws_by_iteration_and_counts_its_evaluations(tmp_path):
+    """The ptx batch depends on (seed, iteration) only, so a resumed run draws it again; its share of
+    edits follows the prompts'; it is a training forward + backward per row in `nfe`."""
+    from qirl.rl.ptx import PretrainMix
+
+    policy = load_policy("base")
+    mix = PretrainMix(1.0, 4, 1.0, seed=0, micro_batch=2, view=policy, policy=policy)
+
+    def grads() -> list[torch.Tensor]:
+        out = [p.grad.clone() for p in policy.trainable_parameters() if p.grad is not None]
+        policy.zero_grad(set_to_none=True)
+        return out
+
+    first = mix(0)
+    g0 = grads()
+    assert mix(0) == first > 0 and mix.last == first
+    assert g0 and all(torch.equal(a, b) for a, b in zip(g0, grads(), strict=True))
+    assert mix(1) != first
+    cfg = recipe(tmp_path / "p", "train.iterations=1", "train.ptx_coef=0.5", "train.ptx_batch=3")
+    first_row = rows(cfg)[0]
+    assert first_row["nfe"] == nfe_per_iteration(cfg) == 4 * 3 * 2 + 4 * 2 * 3 + 3 * 3  # rollouts, update, ptx
+    assert first_row["ptx"] > 0
 
 
 def test_lora_trains_only_adapters_and_exports_a_merged_model(tmp_path):

@@ -66,6 +66,7 @@ from qirl.rl.heldout import HeldoutConfig
 from qirl.rl.loop import Session
 from qirl.rl.lora import adapters_disabled
 from qirl.rl.prompts import PromptSource
+from qirl.rl.ptx import PretrainMix
 from qirl.rl.rollout import SdeSpec, encode_groups, roll_out_groups
 from qirl.sampling import (
     CFG_MODES,
@@ -121,12 +122,15 @@ class GrpoTrain(TrainOptions):
     adv_clip: float = 5.0
     adv_eps: float = 1e-4
     updates_per_iter: int = 1  # AdamW steps on each rollout batch (> 1: the ratio clip starts to bind)
-    objective: str = "grpo"  # grpo: clipped surrogate on the window | raft: flow matching on each group's best
-    raft_keep: int = 1  # raft: rows kept per group (the highest advantages; without raft_require only A > 0)
-    raft_require: str = ""  # raft: a trained reward's name; only rows scoring >= raft_threshold on it are kept
+    objective: str = "grpo"  # grpo: clipped surrogate | raft: flow matching on each group's best | dpo: best vs worst
+    raft_keep: int = 1  # raft: rows kept per group (the highest advantages; without raft_require only A > 0); dpo: pairs
+    raft_require: str = ""  # raft, dpo: a trained reward's name; only rows scoring >= raft_threshold on it are kept
     raft_threshold: float = 0.5
     raft_times: str = "window"  # raft: t uniform over the window's times | all: logit-normal over (0, 1)
     raft_anchor_times: str = "kept"  # raft anchor's t: the kept rows' draws | all: logit-normal (worse: docs/grpo.md R11)
+    ptx_coef: float = 0.0  # > 0: add this times the pretraining flow-matching loss each step (`qirl.rl.ptx`)
+    ptx_batch: int = 16  # Shapes pretraining pairs a step for the ptx term
+    dpo_beta: float = 1000.0  # dpo: the preference's inverse temperature on the velocity-error gap (Diffusion-DPO)
     reward_workers: int = 2  # RewardService threads
     max_nan_reward_fraction: float = 0.5  # a run stops (exit 2) when more of an iteration's rewards are NaN
     nan_reward_patience: int = 3  # ... in this many iterations in a row (0: never stop)
@@ -149,7 +153,7 @@ class GrpoRecipe:
 
 KL_SPACES = ("velocity", "mean")
 ADVANTAGES = ("per_reward", "combined")
-OBJECTIVES = ("grpo", "raft")
+OBJECTIVES = ("grpo", "raft", "dpo")
 RAFT_TIMES = ("window", "all")
 ANCHOR_TIMES = ("kept", "all")
 
@@ -190,6 +194,14 @@ def validate(recipe: GrpoRecipe, world_size: int = 1) -> None:
         raise UserError(f"train.objective must be one of {', '.join(OBJECTIVES)}, got {t.objective!r}")
     if not 1 <= t.raft_keep < t.group_size:
         raise UserError(f"train.raft_keep must be in [1, group_size), got {t.raft_keep}")
+    if t.objective == "dpo" and 2 * t.raft_keep > t.group_size:
+        raise UserError(f"train.raft_keep must be <= group_size / 2 for dpo (pairs of best and worst), got {t.raft_keep}")
+    if t.objective == "dpo" and s.cfg_mode == "both":
+        raise UserError("train.objective=dpo trains the conditional velocity: use sampling.cfg_mode hybrid or none")
+    if t.ptx_coef < 0 or t.ptx_batch < 1:
+        raise UserError(f"train.ptx_coef must be >= 0 and train.ptx_batch >= 1, got {t.ptx_coef} and {t.ptx_batch}")
+    if t.dpo_beta <= 0:
+        raise UserError(f"train.dpo_beta must be > 0, got {t.dpo_beta}")
     if t.raft_times not in RAFT_TIMES:
         raise UserError(f"train.raft_times must be one of {', '.join(RAFT_TIMES)}, got {t.raft_times!r}")
     if t.raft_anchor_times not in ANCHOR_TIMES:
@@ -219,14 +231,23 @@ def nfe_per_iteration(recipe: GrpoRecipe) -> int:
     (the reference's no-grad forward; the KL reuses the surrogate's own forward) else 0, plus g = 2 per
     trained step in `both` mode (guided objective: 2 rows). RAFT trains P keep rows W times, once, and
     with the anchor as many unkept rows (a reference forward and a training forward + backward):
-    ``B N r + P keep W (3 g + 4 q)``."""
+    ``B N r + P keep W (3 g + 4 q)``; DPO trains P keep pairs W times, each a reference forward and a
+    training forward + backward on both rows: ``B N r + 8 P keep W``. The pretraining mix adds a
+    training forward + backward on its batch: ``3 ptx_batch``."""
     s, t = recipe.sampling, recipe.train
+    steps = t.updates_per_iter if t.objective == "grpo" else 1
+    return _nfe_objective(s, t) + (3 * t.ptx_batch * steps if t.ptx_coef > 0 else 0)
+
+
+def _nfe_objective(s: GrpoSampling, t: GrpoTrain) -> int:
     b = t.prompts_per_iter * t.group_size
     r = 2 if (s.cfg_mode != "none" and s.guidance > 1.0) else 1
     g = 2 if (s.cfg_mode == "both" and s.guidance > 1.0) else 1
     q = 1 if t.kl_coef > 0 else 0
     if t.objective == "raft":  # one update, window_size flow-matching draws on P keep rows (+ anchor rows)
         return b * s.num_steps * r + t.prompts_per_iter * t.raft_keep * s.window_size * (3 * g + 4 * q)
+    if t.objective == "dpo":  # one update, window_size draws on P keep pairs: 2 rows trained, 2 reference rows
+        return b * s.num_steps * r + t.prompts_per_iter * t.raft_keep * s.window_size * 8
     return b * (s.num_steps * r + t.updates_per_iter * s.window_size * (3 * g + q))
 
 
@@ -309,7 +330,7 @@ def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
     reference: list[Any] = []  # the frozen KL reference; a LoRA run gets it by disabling its adapters instead
 
     def keep_reference(policy: Any) -> None:
-        if tr.kl_coef > 0 and tr.lora_rank == 0:
+        if (tr.kl_coef > 0 or tr.objective == "dpo") and tr.lora_rank == 0:
             reference.append(copy.deepcopy(policy).requires_grad_(False))
 
     policy = session.load(recipe.model, prompts_src.tasks, prepare=keep_reference)
@@ -331,6 +352,10 @@ def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
     scorers |= {f"monitor/{label}": m for label, m in zip(monitor_labels, monitors, strict=True)}
     service = RewardService(scorers, workers=tr.reward_workers)
     fault_guard = RewardFaultGuard(tr.max_nan_reward_fraction, tr.nan_reward_patience)
+    ptx = None
+    if tr.ptx_coef > 0:  # each rank draws its own pairs: the ranks' gradients average over all of them
+        seed = recipe.run.seed * 1000 + world.rank
+        ptx = PretrainMix(tr.ptx_coef, tr.ptx_batch, prompts_src.edit_share, seed, M, view, policy)
 
     def one_iteration(iteration: int) -> dict[str, Any]:
         window = window_at(iteration, s)
@@ -367,21 +392,28 @@ def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
         t_train = time.perf_counter()
         ratios: list[Tensor] = []
         kls: list[float] = []
-        if tr.objective == "raft":
+        extra: dict[str, float] = {}
+        if tr.objective in ("raft", "dpo"):
             ok = None
             if tr.raft_require:  # NaN (a failed scorer) does not pass
                 ok = rewards[..., names.index(tr.raft_require)].reshape(B_local) >= tr.raft_threshold
-            anchor = _RaftAnchor(policy, ref, tr.kl_coef) if tr.kl_coef > 0 else None
-            loss_total, kl_total = _raft_update(
-                view, state, iteration, tr, group.rollouts, cond, adv, ok, G, window, gen, anchor
-            )
-            kls.append(kl_total)
-            ratios.append(torch.ones(1))  # no importance ratio in RAFT: logged as 1
+            if tr.objective == "raft":
+                anchor = _Reference(policy, ref, tr.kl_coef) if tr.kl_coef > 0 else None
+                loss_total, kl_total = _raft_update(
+                    view, state, iteration, tr, group.rollouts, cond, adv, ok, G, window, gen, anchor, ptx
+                )
+                kls.append(kl_total)
+            else:
+                loss_total, extra = _dpo_update(
+                    view, state, iteration, tr, group.rollouts, cond, adv, ok, G, window, gen,
+                    _Reference(policy, ref, 0.0), ptx,
+                )
+            ratios.append(torch.ones(1))  # no importance ratio in RAFT or DPO: logged as 1
         else:
             passes = [(k, n) for k in range(len(chunks)) for n in window]
             for _epoch in range(tr.updates_per_iter):
                 state.opt.zero_grad(set_to_none=True)
-                loss_total = 0.0
+                loss_total = ptx(iteration) if ptx is not None else 0.0
                 finite = True
                 for k, n in passes:
                     (a, b), ro = chunks[k], group.rollouts[k]
@@ -443,6 +475,9 @@ def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
                 "train_s": train_s,
             }
         )
+        if ptx is not None:
+            extra["ptx"] = ptx.last
+        row.update({k: world.mean(v) for k, v in extra.items()})
         return row
 
     try:
@@ -490,7 +525,8 @@ def raft_rows(adv: Tensor, group_size: int, keep: int, ok: Tensor | None = None)
 
 def _raft_update(
     view: Any, state: Any, iteration: int, tr: GrpoTrain, rollouts: list[Any], cond: Any, adv: Tensor,
-    ok: Tensor | None, group_size: int, window: list[int], gen: torch.Generator, anchor: _RaftAnchor | None,
+    ok: Tensor | None, group_size: int, window: list[int], gen: torch.Generator, anchor: _Reference | None,
+    ptx: PretrainMix | None = None,
 ) -> tuple[float, float]:
     """One AdamW step of reward-ranked fine-tuning (RAFT; Dong et al. 2023, arXiv:2304.06767): the
     conditional flow-matching loss (`qirl.sampling.flow_matching_loss`) on each group's best rollouts,
@@ -509,7 +545,8 @@ def _raft_update(
     their velocity at the frozen reference's at their own noised latents, ``kl_coef mean || v_theta -
     v_ref ||^2``, so what is learned on the kept rows does not drift the rest. The anchor's t is the
     kept rows' draw (``raft_anchor_times=kept``) or its own logit-normal draw over (0, 1) (``all``:
-    it also holds the low-noise steps, where the outputs' detail is drawn). Returns (loss, anchor term)."""
+    it also holds the low-noise steps, where the outputs' detail is drawn). ``ptx`` adds the pretraining
+    mix (`qirl.rl.ptx`) to the same step. Returns (loss, anchor term)."""
     latents = torch.cat([ro.latents for ro in rollouts])  # [B_local, C, H, W]
     draws = len(window)
     grid = rollouts[0].timesteps  # [N + 1] from 1 to 0
@@ -524,8 +561,9 @@ def _raft_update(
     norm = max(float(w.sum()), 1.0) * draws
     chunks_r = micro_batches(len(rows), tr.micro_batch)
     passes = [(k, d) for k in range(len(chunks_r)) for d in range(draws)]
-    loss_total, kl_total, finite = 0.0, 0.0, True
+    kl_total, finite = 0.0, True
     state.opt.zero_grad(set_to_none=True)
+    loss_total = ptx(iteration) if ptx is not None else 0.0
     for k, _d in passes:
         a, b = chunks_r[k]
         idx = rows[a:b]
@@ -559,11 +597,81 @@ def _raft_update(
     return loss_total, kl_total
 
 
+def dpo_pairs(adv: Tensor, group_size: int, keep: int, ok: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """DPO's pairs per group: the ``keep`` rows RAFT would keep (`raft_rows`) against the ``keep`` lowest
+    advantages, best with worst. Returns winners [P keep], losers [P keep] (flat row indices) and
+    weights [P keep]: 1 where the winner counts for RAFT and is strictly better than its loser."""
+    winners, w = raft_rows(adv, group_size, keep, ok)
+    bottom = (-adv).reshape(-1, group_size).topk(keep, dim=1).indices  # [P, keep], worst first
+    losers = (bottom + torch.arange(bottom.shape[0])[:, None] * group_size).reshape(-1)  # [P keep]
+    return winners, losers, w * (adv[winners] > adv[losers]).float()
+
+
+def _dpo_update(
+    view: Any, state: Any, iteration: int, tr: GrpoTrain, rollouts: list[Any], cond: Any, adv: Tensor,
+    ok: Tensor | None, group_size: int, window: list[int], gen: torch.Generator, reference: _Reference,
+    ptx: PretrainMix | None = None,
+) -> tuple[float, dict[str, float]]:
+    """One AdamW step of online Diffusion-DPO (Wallace et al. 2023, arXiv:2311.12908, eq. 14; in flow
+    matching's velocity form as Flow-DPO, Liu et al. 2025, arXiv:2501.13918) on each group's pairs
+    (`dpo_pairs`). For a pair (w, l) at one shared (t, eps), with ``e_m(x0) = || v_m(x_t, t, c) - (eps -
+    x0) ||^2`` (mean over latent dims, ``x_t = (1 - t) x0 + t eps``) for the policy m = theta and the
+    frozen reference m = ref,
+
+        ``L = - log sigmoid( -beta / 2 [ (e_theta(w) - e_ref(w)) - (e_theta(l) - e_ref(l)) ] )``,
+
+    averaged over the pairs (by weight) and ``W`` draws of (t, eps) per pair, t as RAFT's
+    (``raft_times``). The policy lowers its error on the better output relative to the reference more
+    than on the worse one: what the two share, the rollouts' common look, cancels, so only what tells
+    them apart is learned, and the reference holds the rest (the sigmoid saturates once the gap is
+    ``~1 / beta``). v_theta is the conditional velocity (CFG-free, as `hybrid`). Returns (loss,
+    metrics): ``dpo_accuracy``, the share of pairs whose implicit reward ranks the winner first, and
+    ``dpo_margin``, the mean of the sigmoid's argument. ``ptx`` adds the pretraining mix to the step."""
+    latents = torch.cat([ro.latents for ro in rollouts])  # [B_local, C, H, W]
+    draws = len(window)
+    grid = rollouts[0].timesteps  # [N + 1] from 1 to 0
+    t_hi, t_lo = float(grid[window[0]]), float(grid[window[-1] + 1])
+    winners, losers, w = dpo_pairs(adv, group_size, tr.raft_keep, ok)  # [R], [R], [R]
+    norm = max(float(w.sum()), 1.0) * draws
+    chunks_r = micro_batches(len(winners), max(tr.micro_batch // 2, 1))  # two rows per pair in a forward
+    passes = [(k, d) for k in range(len(chunks_r)) for d in range(draws)]
+    finite = True
+    margins: list[Tensor] = []
+    state.opt.zero_grad(set_to_none=True)
+    loss_total = ptx(iteration) if ptx is not None else 0.0
+    for k, _d in passes:
+        a, b = chunks_r[k]
+        idx = torch.cat([winners[a:b], losers[a:b]])  # [2 n]: winners then losers
+        x0 = latents[idx]  # [2 n, C, H, W]
+        if tr.raft_times == "window":
+            t = t_lo + (t_hi - t_lo) * torch.rand(b - a, generator=gen)  # [n]
+        else:
+            t = sample_train_t(b - a, gen)  # [n]
+        eps = torch.randn((b - a, *x0.shape[1:]), generator=gen)  # [n, C, H, W], shared by a pair
+        t, eps = t.repeat(2).to(x0.device), eps.repeat(2, 1, 1, 1).to(x0.device)  # [2 n], [2 n, C, H, W]
+        x_t, target, c = add_noise(x0, eps, t), (eps - x0).float(), cond.index(idx)
+        # The reference first: with LoRA it switches the adapters off (see _reference_velocity).
+        e_ref = (reference.reference_velocity(x_t, t, c) - target).square().mean(dim=(1, 2, 3))  # [2 n]
+        with sync_gradients(view, last=(k, _d) == passes[-1]):
+            e = (view.velocity(x_t, t, c).float() - target).square().mean(dim=(1, 2, 3))  # [2 n]
+            gap = (e - e_ref).reshape(2, b - a)  # [2, n]: winners' row, losers' row
+            inside = -0.5 * tr.dpo_beta * (gap[0] - gap[1])  # [n]
+            loss = -(torch.nn.functional.logsigmoid(inside) * w[a:b].to(inside.device)).sum() / norm
+            finite = finite and bool(torch.isfinite(loss))
+            loss_total += float(loss.detach())
+            loss.backward()
+        margins.append(inside.detach().float().cpu()[w[a:b] > 0])
+    state.step(finite, iteration, tr)
+    m = torch.cat(margins)  # NaN when no pair counts (every rank logs the same keys)
+    return loss_total, {"dpo_margin": _nanmean(m), "dpo_accuracy": _nanmean((m > 0).float())}
+
+
 @dataclass
-class _RaftAnchor:
-    """RAFT's KL anchor ``kl_coef mean || v_theta(x_t, t, c) - v_ref(x_t, t, c) ||^2`` (CFG-free, velocity
-    space, as GRPO's `_kl`) at rows' noised latents ``x_t = (1 - t) x0 + t eps``. The reference is the
-    frozen copy or, for LoRA, the policy with its adapters off."""
+class _Reference:
+    """The frozen reference's conditional velocity at noised latents ``x_t = (1 - t) x0 + t eps``: the
+    frozen copy or, for LoRA, the policy with its adapters off. RAFT's anchor weighs
+    ``coef mean || v_theta(x_t, t, c) - v_ref(x_t, t, c) ||^2`` (CFG-free, velocity space, as GRPO's
+    `_kl`); DPO compares the policy's errors with the reference's (coef unused)."""
 
     policy: Any
     reference: Any | None

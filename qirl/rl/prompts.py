@@ -47,6 +47,13 @@ class PromptSource:
             return {r.task for r in self.pool}
         return {t for t, share in (("t2i", 1 - self.edit_fraction), ("edit", self.edit_fraction)) if share > 0}
 
+    @property
+    def edit_share(self) -> float:
+        """The share of edits among the records drawn (the pool's, or the generator's fraction)."""
+        if self.pool is not None:
+            return sum(r.task == "edit" for r in self.pool) / len(self.pool)
+        return self.edit_fraction
+
     def _check(self, record: PromptRecord) -> None:
         """A category the calibrated weights do not know would silently fall back to the defaults."""
         if self.known and record.category not in self.known:
