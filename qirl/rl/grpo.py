@@ -25,7 +25,9 @@ One iteration (design, "Data flow: GRPO iteration"):
    iteration (``updates_per_iter`` > 1 repeats the update on the same rollouts; only then does the
    ratio leave 1 and the clip bind). A non-finite loss or gradient norm skips the step (weights and
    optimizer untouched). ``objective=raft`` replaces this step with reward-ranked fine-tuning on the
-   same rollouts (`_raft_update`: flow matching on each group's best rows, an optional anchor).
+   same rollouts (`_raft_update`: flow matching on each group's best rows, an optional anchor), and
+   ``objective=dpo`` with online Diffusion-DPO on each group's best and worst rows (`_dpo_update`).
+   ``ptx_coef`` > 0 adds the pretraining flow-matching loss to every step (`qirl.rl.ptx`).
 5. Metrics per iteration (JSONL, and TensorBoard when installed); every ``eval.every`` iterations the
    oracle scores on held-out prompts (`qirl.rl.heldout`: deterministic ODE sampling, fixed noise, a
    sample grid per task under ``<out_dir>/grids``) so reward hacking shows against the training reward.
@@ -623,8 +625,8 @@ def _dpo_update(
     averaged over the pairs (by weight) and ``W`` draws of (t, eps) per pair, t as RAFT's
     (``raft_times``). The policy lowers its error on the better output relative to the reference more
     than on the worse one: what the two share, the rollouts' common look, cancels, so only what tells
-    them apart is learned, and the reference holds the rest (the sigmoid saturates once the gap is
-    ``~1 / beta``). v_theta is the conditional velocity (CFG-free, as `hybrid`). Returns (loss,
+    them apart is learned, and the reference holds the rest (the sigmoid saturates once the gap is a
+    few times ``1 / beta``, which bounds how far a pair moves the policy). v_theta is the conditional velocity (CFG-free, as `hybrid`). Returns (loss,
     metrics): ``dpo_accuracy``, the share of pairs whose implicit reward ranks the winner first, and
     ``dpo_margin``, the mean of the sigmoid's argument. ``ptx`` adds the pretraining mix to the step."""
     latents = torch.cat([ro.latents for ro in rollouts])  # [B_local, C, H, W]
