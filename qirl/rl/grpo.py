@@ -525,6 +525,15 @@ def raft_rows(adv: Tensor, group_size: int, keep: int, ok: Tensor | None = None)
     return rows, ((adv[rows] > 0) if ok is None else ok[rows]).float()
 
 
+def _train_times(tr: GrpoTrain, grid: Tensor, window: list[int], n: int, gen: torch.Generator) -> Tensor:
+    """RAFT's and DPO's t [n]: uniform over the times the SDE window's steps span (``raft_times=window``;
+    ``grid`` [N + 1] from 1 to 0) or SD3's logit-normal over (0, 1) (``all``)."""
+    if tr.raft_times == "window":
+        t_hi, t_lo = float(grid[window[0]]), float(grid[window[-1] + 1])
+        return t_lo + (t_hi - t_lo) * torch.rand(n, generator=gen)
+    return sample_train_t(n, gen)
+
+
 def _raft_update(
     view: Any, state: Any, iteration: int, tr: GrpoTrain, rollouts: list[Any], cond: Any, adv: Tensor,
     ok: Tensor | None, group_size: int, window: list[int], gen: torch.Generator, anchor: _Reference | None,
@@ -551,8 +560,6 @@ def _raft_update(
     mix (`qirl.rl.ptx`) to the same step. Returns (loss, anchor term)."""
     latents = torch.cat([ro.latents for ro in rollouts])  # [B_local, C, H, W]
     draws = len(window)
-    grid = rollouts[0].timesteps  # [N + 1] from 1 to 0
-    t_hi, t_lo = float(grid[window[0]]), float(grid[window[-1] + 1])  # the times the window's steps span
     guidance = rollouts[0].guidance
     guided = rollouts[0].cfg_mode == "both" and guidance > 1.0
     rows, w = raft_rows(adv, group_size, tr.raft_keep, ok)  # [R], [R]
@@ -570,11 +577,7 @@ def _raft_update(
         a, b = chunks_r[k]
         idx = rows[a:b]
         x0 = latents[idx]  # [b - a, C, H, W]
-        if tr.raft_times == "window":
-            t = t_lo + (t_hi - t_lo) * torch.rand(b - a, generator=gen)  # [b - a]
-        else:
-            t = sample_train_t(b - a, gen)  # [b - a]
-        t = t.to(x0.device)
+        t = _train_times(tr, rollouts[0].timesteps, window, b - a, gen).to(x0.device)  # [b - a]
         eps = torch.randn(x0.shape, generator=gen).to(x0.device)  # [b - a, C, H, W]
         h = held[a:b] if anchor is not None else held[:0]
         if len(h):  # the reference first: with LoRA it switches the adapters off (see _reference_velocity)
@@ -631,8 +634,6 @@ def _dpo_update(
     ``dpo_margin``, the mean of the sigmoid's argument. ``ptx`` adds the pretraining mix to the step."""
     latents = torch.cat([ro.latents for ro in rollouts])  # [B_local, C, H, W]
     draws = len(window)
-    grid = rollouts[0].timesteps  # [N + 1] from 1 to 0
-    t_hi, t_lo = float(grid[window[0]]), float(grid[window[-1] + 1])
     winners, losers, w = dpo_pairs(adv, group_size, tr.raft_keep, ok)  # [R], [R], [R]
     norm = max(float(w.sum()), 1.0) * draws
     chunks_r = micro_batches(len(winners), max(tr.micro_batch // 2, 1))  # two rows per pair in a forward
@@ -645,10 +646,7 @@ def _dpo_update(
         a, b = chunks_r[k]
         idx = torch.cat([winners[a:b], losers[a:b]])  # [2 n]: winners then losers
         x0 = latents[idx]  # [2 n, C, H, W]
-        if tr.raft_times == "window":
-            t = t_lo + (t_hi - t_lo) * torch.rand(b - a, generator=gen)  # [n]
-        else:
-            t = sample_train_t(b - a, gen)  # [n]
+        t = _train_times(tr, rollouts[0].timesteps, window, b - a, gen)  # [n]
         eps = torch.randn((b - a, *x0.shape[1:]), generator=gen)  # [n, C, H, W], shared by a pair
         t, eps = t.repeat(2).to(x0.device), eps.repeat(2, 1, 1, 1).to(x0.device)  # [2 n], [2 n, C, H, W]
         x_t, target, c = add_noise(x0, eps, t), (eps - x0).float(), cond.index(idx)
