@@ -249,14 +249,22 @@ def test_edit_reward_recipes_load():
     assert [m.name for m in g.rewards.monitors] == ["oracle_edit"]  # the judge only watches
 
 
-def test_edit_raft_recipe_is_the_edit_recipe_with_the_raft_update():
-    """recipes/edit_raft.yaml rolls out and rewards as recipes/edit.yaml; only the update differs."""
+def test_the_edit_recipes_differ_only_in_their_update():
+    """recipes/edit.yaml (DPO, the edit teacher), recipes/edit_raft.yaml and the GRPO arm kept in
+    recipes/ablations/edit_grpo.yaml roll out and reward alike; only the update differs."""
     from qirl.rl.grpo import GrpoRecipe, validate
 
     raft = load_recipe(GrpoRecipe, "recipes/edit_raft.yaml", [])
-    grpo = load_recipe(GrpoRecipe, "recipes/edit.yaml", [])
-    validate(raft)
-    assert raft.sampling == grpo.sampling and raft.rewards == grpo.rewards and raft.data == grpo.data
+    dpo = load_recipe(GrpoRecipe, "recipes/edit.yaml", [])
+    grpo = load_recipe(GrpoRecipe, "recipes/ablations/edit_grpo.yaml", [])
+    for recipe in (raft, dpo, grpo):
+        validate(recipe)
+    for recipe in (dpo, grpo):
+        assert recipe.sampling == raft.sampling and recipe.rewards == raft.rewards and recipe.data == raft.data
+    assert (dpo.train.objective, dpo.train.raft_require, dpo.train.raft_keep) == ("dpo", "oracle_instruction", 2)
+    assert dpo.train.lr == raft.train.lr and dpo.train.iterations == raft.train.iterations
+    assert dpo.run.out_dir == "runs/grpo_edit"  # the default edit teacher of `qirl distill --teachers t2i,edit`
+    assert grpo.train.objective == "grpo" and grpo.run.out_dir != dpo.run.out_dir
     t = raft.train
     assert (t.objective, t.raft_require, t.raft_times) == ("raft", "oracle_instruction", "window")
     assert t.kl_coef > 0 and t.raft_require in [m.name for m in raft.rewards.models]
