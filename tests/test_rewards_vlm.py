@@ -281,6 +281,47 @@ def test_a_checkpoint_chat_template_is_used_when_present() -> None:
     assert not torch.equal(rm(images, prompts, records), plain)
 
 
+def test_change_image_is_the_signed_difference_around_mid_grey() -> None:
+    """`change_image` = 127.5 + (result - source) / 2 per channel: 128 where nothing changed."""
+    from PIL import Image
+
+    from qirl.rewards.vlm.model import change_image
+
+    src = np.zeros((4, 4, 3), np.uint8)
+    src[0, 0] = (200, 0, 0)  # a red pixel ...
+    out = src.copy()
+    out[0, 0] = (0, 0, 200)  # ... recoloured blue
+    out[3, 3] = (255, 255, 255)  # and a white one added
+    change = np.asarray(change_image(Image.fromarray(src), Image.fromarray(out)))
+    assert change.shape == (4, 4, 3) and change.dtype == np.uint8
+    assert change[1, 1].tolist() == [128, 128, 128]  # np.rint(127.5) rounds half to even
+    assert change[0, 0].tolist() == [28, 128, 228] and change[3, 3].tolist() == [255, 255, 255]
+
+
+def test_the_change_view_shows_edits_a_third_image(tmp_path: Path) -> None:
+    """`edit_view: pair_diff`: an edit row reads three images and the prompt that names the third;
+    T2I rows are as before; the setting is saved with the model; a bad view is a user error."""
+    from qirl.rewards.vlm.prompting import EDIT_DIFF_QUESTION
+
+    pair, diff = VLMReward(cfg()), VLMReward(cfg(edit_view="pair_diff"))
+    images, prompts, records = shapes_batch(4)  # rows 1 and 3 are edits
+    rows, tasks = pair._rows(images, records), [r.task for r in records]
+    vision = diff.processor.tokenizer.convert_tokens_to_ids("<|vision_start|>")
+    n_pair = (pair.encode(rows, prompts, tasks, [MARKER] * 4)["input_ids"] == vision).sum(dim=1)  # [4]
+    n_diff = (diff.encode(rows, prompts, tasks, [MARKER] * 4)["input_ids"] == vision).sum(dim=1)  # [4]
+    assert n_pair.tolist() == [1, 2, 1, 2] and n_diff.tolist() == [1, 3, 1, 3]
+    assert "image three is the change" in simple_chat("a red circle", "quality", "edit", diff=True)
+    assert "three" not in simple_chat("a red circle", "quality", "t2i", diff=True)
+    tok = load_embedded_tokenizer()
+    assert tok.unk_token_id not in tok(EDIT_DIFF_QUESTION)["input_ids"]
+    scores_pair, scores_diff = pair(images, prompts, records), diff(images, prompts, records)
+    assert torch.equal(scores_pair[0::2], scores_diff[0::2])  # same weights (seed): T2I rows unchanged
+    assert not torch.equal(scores_pair[1::2], scores_diff[1::2])
+    assert VLMReward.load(diff.save(tmp_path / "rm"), device="cpu").config.edit_view == "pair_diff"
+    with pytest.raises(UserError, match="edit_view"):
+        VLMReward(cfg(edit_view="triple"))
+
+
 def test_nan_for_tasks_not_judged() -> None:
     rm = VLMReward(cfg(tasks=["t2i"]))
     images, prompts, records = shapes_batch(4)

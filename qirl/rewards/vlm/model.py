@@ -18,6 +18,15 @@ the reward is a standardised logistic, monotone in r (GRPO normalises per group 
     reward = sigmoid((r - mean_train) / std_train)     in (0, 1), 0.5 = a typical training image
 
 Rows whose task the model does not judge (`config.tasks`), and edit rows without a source image, get NaN.
+
+Edit rows show [source, result]. With `edit_view: pair_diff` they also show the change as a third image,
+the signed per-pixel difference around mid-grey (`change_image`):
+
+    change = 127.5 + (result - source) / 2     (uint8 RGB, so 128 where nothing changed)
+
+A 32 x 32 image reaches the decoder as 16 tokens, so "did the right object change, and to what" is a
+comparison across 32 tokens for the pair view; the change image puts it in one image's tokens
+(docs/rewards.md, "The learned edit reward").
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -55,6 +65,7 @@ from qirl.rewards.vlm.prompting import DIMENSIONS, MARKER_RE, answer_prefix, cha
 logger = logging.getLogger(__name__)
 
 MODES = ("pointwise", "pairwise")
+EDIT_VIEWS = ("pair", "pair_diff")  # an edit row shows [source, result] | + the change (module docstring)
 META_FILE = "vlm_reward.json"
 HEAD_FILE = "head.safetensors"
 FORMAT = "qirl.vlm_reward"
@@ -73,6 +84,7 @@ class VLMRewardConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     batch_size: int = 16  # images per forward when scoring
     tasks: list[str] = field(default_factory=lambda: list(TASKS))  # the tasks it judges; others get NaN
+    edit_view: str = "pair"  # pair: an edit row shows [source, result] | pair_diff: + the change image
     seed: int = 0  # initialisation of the embedded model and of the pairwise head
     tiny: TinyVLMSpec = field(default_factory=TinyVLMSpec)
     head_mean: float = 0.0  # pairwise: reward = sigmoid((r - head_mean) / head_std), set by training
@@ -94,6 +106,9 @@ class VLMRewardConfig:
             raise UserError(
                 f"{where}.tasks must be a non-empty subset of {', '.join(TASKS)}, got {self.tasks}"
             )
+        if self.edit_view not in EDIT_VIEWS:
+            views = ", ".join(EDIT_VIEWS)
+            raise UserError(f"{where}.edit_view must be one of {views}, got {self.edit_view!r}")
         if self.head_std <= 0:
             raise UserError(f"{where}.head_std must be positive, got {self.head_std}")
 
@@ -111,6 +126,17 @@ class VLMRewardConfig:
             raise UserError(f"{where}: malformed VLM reward config ({err})") from None
         cfg.validate(where)
         return cfg
+
+
+def change_image(source: Image.Image, result: Image.Image) -> Image.Image:
+    """The edit's signed change as an RGB image, ``127.5 + (result - source) / 2`` per channel (module
+    docstring): mid-grey where nothing changed, brighter where the result gained a channel, darker where
+    it lost one."""
+    if source.size != result.size:
+        source = source.resize(result.size, Image.BILINEAR)
+    src = np.asarray(source.convert("RGB"), dtype=np.float32)  # [H, W, 3]
+    out = np.asarray(result.convert("RGB"), dtype=np.float32)  # [H, W, 3]
+    return Image.fromarray(np.clip(np.rint(127.5 + (out - src) / 2), 0, 255).astype(np.uint8), "RGB")
 
 
 class MarkerStop(StoppingCriteria):
@@ -209,11 +235,15 @@ class VLMReward(RewardModel):
         dimensions: Sequence[str] | None = None,
         padding_side: str = "left",
     ) -> dict[str, Tensor]:
-        """A model batch: per row the rating prompt for its images (an edit: [source, edited]) plus a
-        completion (`answer_prefix(...)`); see `backbone.encode`."""
+        """A model batch: per row the rating prompt for its images (an edit: [source, edited], and the
+        change with `edit_view: pair_diff`) plus a completion (`answer_prefix(...)`); see
+        `backbone.encode`."""
         dims = dimensions or [self.config.dimension] * len(prompts)
-        texts = [chat_text(self.processor, p, d, t) for p, d, t in zip(prompts, dims, tasks, strict=True)]
-        return bb.encode(self.processor, images, texts, completions, padding_side)
+        diff = self.config.edit_view == "pair_diff"
+        rows = list(zip(images, prompts, dims, tasks, strict=True))
+        views = [[*imgs, change_image(*imgs)] if diff and t == "edit" else imgs for imgs, _, _, t in rows]
+        texts = [chat_text(self.processor, p, d, t, diff and t == "edit") for _, p, d, t in rows]
+        return bb.encode(self.processor, views, texts, completions, padding_side)
 
     def hidden(self, batch: dict[str, Tensor]) -> Tensor:
         return bb.hidden_states(self.model, batch, self.device)  # [B, L, H]

@@ -6,6 +6,9 @@ then the edited image):
     Rate the image for the prompt: <prompt>. Dimension: <dimension>. Answer with a score from 1 to 5.
     Rate the edited image for the instruction: <instruction>. Dimension: ... (edits; source shown first)
 
+A model with ``edit_view: pair_diff`` is shown a third image on an edit row, the change from the source
+to the result, and its edit prompt says so (`EDIT_DIFF_QUESTION`).
+
 It goes through the processor's chat template when the checkpoint has one (a real Qwen2.5-VL / Qwen3-VL),
 else through `simple_chat`, which writes the same ChatML markup Qwen uses.
 
@@ -31,6 +34,13 @@ EDIT_QUESTION = (
     "The first image is the source and the second is the edited image. "
     "Rate the edited image for the instruction: {prompt}. Dimension: {dimension}. Answer with a score from 1 to 5."
 )
+# Every word here is in the shipped vocabulary (tests/test_rewards_vlm.py checks it): no "third".
+EDIT_DIFF_QUESTION = (
+    "The first image is the source, the second is the edited image and image three is the change from "
+    "the source to the edited image. "
+    "Rate the edited image for the instruction: {prompt}. Dimension: {dimension}. "
+    "Answer with a score from 1 to 5."
+)
 MARKER = "Score: "
 MARKER_RE = re.compile(r"score\s*:", re.IGNORECASE)
 _CHATML = "<|im_start|>{role}\n{content}<|im_end|>\n"
@@ -39,31 +49,38 @@ _VISION = "<|vision_start|><|image_pad|><|vision_end|>"
 
 def template_texts() -> list[str]:
     """The fixed words of every prompt (for the embedded vocabulary)."""
-    return [SYSTEM, T2I_QUESTION, EDIT_QUESTION, MARKER, "system user assistant", NO_REASONS]
+    questions = [T2I_QUESTION, EDIT_QUESTION, EDIT_DIFF_QUESTION]
+    return [SYSTEM, *questions, MARKER, "system user assistant", NO_REASONS]
 
 
-def question(prompt: str, dimension: str, task: str) -> str:
+def n_images(task: str, diff: bool = False) -> int:
+    """Images a row shows: 1 for T2I; source and result for an edit, plus the change with `diff`."""
+    return (3 if diff else 2) if task == "edit" else 1
+
+
+def question(prompt: str, dimension: str, task: str, diff: bool = False) -> str:
     text = prompt.strip().rstrip(".!? ")
-    return (EDIT_QUESTION if task == "edit" else T2I_QUESTION).format(prompt=text, dimension=dimension)
+    template = (EDIT_DIFF_QUESTION if diff else EDIT_QUESTION) if task == "edit" else T2I_QUESTION
+    return template.format(prompt=text, dimension=dimension)
 
 
-def messages(prompt: str, dimension: str, task: str) -> list[dict[str, Any]]:
+def messages(prompt: str, dimension: str, task: str, diff: bool = False) -> list[dict[str, Any]]:
     """Chat messages in the transformers multimodal format (an image entry per image shown)."""
-    n_images = 2 if task == "edit" else 1
-    content = [{"type": "image"} for _ in range(n_images)]
-    content.append({"type": "text", "text": question(prompt, dimension, task)})
+    content: list[dict[str, Any]] = [{"type": "image"} for _ in range(n_images(task, diff))]
+    content.append({"type": "text", "text": question(prompt, dimension, task, diff)})
     return [
         {"role": "system", "content": [{"type": "text", "text": SYSTEM}]},
         {"role": "user", "content": content},
     ]
 
 
-def simple_chat(prompt: str, dimension: str, task: str) -> str:
+def simple_chat(prompt: str, dimension: str, task: str, diff: bool = False) -> str:
     """ChatML text for a tokenizer without a chat template (the embedded one), generation prompt included."""
-    n_images = 2 if task == "edit" else 1
     return (
         _CHATML.format(role="system", content=SYSTEM)
-        + _CHATML.format(role="user", content=_VISION * n_images + question(prompt, dimension, task))
+        + _CHATML.format(
+            role="user", content=_VISION * n_images(task, diff) + question(prompt, dimension, task, diff)
+        )
         + "<|im_start|>assistant\n"
     )
 
@@ -73,13 +90,13 @@ def has_chat_template(processor: Any) -> bool:
     return bool(getattr(processor, "chat_template", None) or getattr(processor.tokenizer, "chat_template", None))
 
 
-def chat_text(processor: Any, prompt: str, dimension: str, task: str) -> str:
+def chat_text(processor: Any, prompt: str, dimension: str, task: str, diff: bool = False) -> str:
     """The full prompt text up to the assistant turn, through the checkpoint's chat template if any."""
     if has_chat_template(processor):
         return processor.apply_chat_template(
-            messages(prompt, dimension, task), tokenize=False, add_generation_prompt=True
+            messages(prompt, dimension, task, diff), tokenize=False, add_generation_prompt=True
         )
-    return simple_chat(prompt, dimension, task)
+    return simple_chat(prompt, dimension, task, diff)
 
 
 NO_REASONS = "no specific problems noted"
