@@ -191,9 +191,13 @@ def test_validation_sets_are_fixed_and_disjoint_from_heldout_and_training_pools(
         seen = {_identity(r) for r in builtin_prompts(f"heldout-{task}")}
         seen |= {_identity(r) for r in generated_pool(f"shapes-{task}", VAL_EXCLUDED_POOL)}
         assert not seen & {_identity(r) for r in val}
-    large = {_identity(r) for r in builtin_prompts("val-edit-large")}
-    assert not {_identity(r) for r in builtin_prompts("val-edit")} & large
-    assert not {_identity(r) for r in builtin_prompts("heldout-edit-large")} & (large | seen)
+    names = ("val-t2i", "val-edit", "val-edit-large", "heldout-t2i", "heldout-edit", "heldout-edit-large")
+    sets = {name: {_identity(r) for r in builtin_prompts(name)} for name in names}
+    for i, a in enumerate(names):  # no two evaluation sets share a prompt
+        for b in names[i + 1 :]:
+            assert not sets[a] & sets[b], (a, b)
+    pool = {_identity(r) for r in generated_pool("shapes-edit", VAL_EXCLUDED_POOL)}
+    assert not sets["heldout-edit-large"] & pool
     categories = {r.category for r in builtin_prompts("val-t2i")}
     assert categories == {r.category for r in builtin_prompts("heldout-t2i")}  # every pillar is measured
 

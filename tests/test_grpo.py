@@ -262,10 +262,12 @@ def test_raft_anchor_holds_the_window_or_the_whole_path(anchor_times):
     assert inside == (anchor_times == "kept")
 
 
-@pytest.mark.parametrize("objective", ["raft", "dpo", "raft train.ptx_coef=1.0 train.ptx_batch=3"])
-def test_raft_and_dpo_train_and_resume_exactly(tmp_path, objective):
-    raft = [f"train.objective={objective}", "train.group_size=3", "run.checkpoint_every=1"]
-    raft = " ".join(raft).split()
+@pytest.mark.parametrize(
+    "update",
+    [["train.objective=raft"], ["train.objective=dpo"], ["train.objective=raft", "train.ptx_coef=1.0", "train.ptx_batch=3"]],
+)
+def test_raft_and_dpo_train_and_resume_exactly(tmp_path, update):
+    raft = [*update, "train.group_size=3", "run.checkpoint_every=1"]
     full = rows(recipe(tmp_path / "full", "train.iterations=2", *raft))
     assert full[0]["loss"] > 0 and full[0]["grad_norm"] > 0 and full[-1]["done"]
     rows(recipe(tmp_path / "cut", "train.iterations=1", *raft))

@@ -16,7 +16,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_GRPO = [
-    "train.iterations=2", "train.prompts_per_iter=2", "train.group_size=2", "train.raft_keep=1", "train.micro_batch=4",
+    "train.iterations=2", "train.prompts_per_iter=2", "train.group_size=2", "train.raft_keep=1",
+    "train.micro_batch=4",
     "sampling.num_steps=3", "sampling.window_size=2", "eval.every=0", "run.tensorboard=false",
 ]
 

@@ -298,9 +298,11 @@ def test_change_image_is_the_signed_difference_around_mid_grey() -> None:
     assert change[0, 0].tolist() == [28, 128, 228] and change[3, 3].tolist() == [255, 255, 255]
 
 
-def test_the_change_view_shows_edits_a_third_image(tmp_path: Path) -> None:
-    """`edit_view: pair_diff`: an edit row reads three images and the prompt that names the third;
-    T2I rows are as before; the setting is saved with the model; a bad view is a user error."""
+def test_the_change_view_shows_edits_a_third_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`edit_view: pair_diff`: an edit row reads three images, the third the change from its source to
+    its result, and the prompt that names it; T2I rows are as before; the setting is saved with the
+    model; a bad view is a user error."""
+    from qirl.rewards.vlm import model as vlm_model
     from qirl.rewards.vlm.prompting import EDIT_DIFF_QUESTION
 
     pair, diff = VLMReward(cfg()), VLMReward(cfg(edit_view="pair_diff"))
@@ -308,8 +310,13 @@ def test_the_change_view_shows_edits_a_third_image(tmp_path: Path) -> None:
     rows, tasks = pair._rows(images, records), [r.task for r in records]
     vision = diff.processor.tokenizer.convert_tokens_to_ids("<|vision_start|>")
     n_pair = (pair.encode(rows, prompts, tasks, [MARKER] * 4)["input_ids"] == vision).sum(dim=1)  # [4]
+    shown = []
+    change = vlm_model.change_image
+    monkeypatch.setattr(vlm_model, "change_image", lambda s, r: shown.append((s, r)) or change(s, r))
     n_diff = (diff.encode(rows, prompts, tasks, [MARKER] * 4)["input_ids"] == vision).sum(dim=1)  # [4]
+    monkeypatch.undo()
     assert n_pair.tolist() == [1, 2, 1, 2] and n_diff.tolist() == [1, 3, 1, 3]
+    assert [(s, r) for s, r in shown] == [tuple(rows[1]), tuple(rows[3])]  # (source, result) of each edit
     assert "image three is the change" in simple_chat("a red circle", "quality", "edit", diff=True)
     assert "three" not in simple_chat("a red circle", "quality", "t2i", diff=True)
     tok = load_embedded_tokenizer()

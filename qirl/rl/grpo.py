@@ -629,9 +629,10 @@ def _dpo_update(
     (``raft_times``). The policy lowers its error on the better output relative to the reference more
     than on the worse one: what the two share, the rollouts' common look, cancels, so only what tells
     them apart is learned, and the reference holds the rest (the sigmoid saturates once the gap is a
-    few times ``1 / beta``, which bounds how far a pair moves the policy). v_theta is the conditional velocity (CFG-free, as `hybrid`). Returns (loss,
-    metrics): ``dpo_accuracy``, the share of pairs whose implicit reward ranks the winner first, and
-    ``dpo_margin``, the mean of the sigmoid's argument. ``ptx`` adds the pretraining mix to the step."""
+    few times ``1 / beta``, which bounds how far a pair moves the policy). v_theta is the conditional
+    velocity (CFG-free, as `hybrid`). Returns (loss, metrics): ``dpo_accuracy``, the share of pairs
+    whose implicit reward ranks the winner first, and ``dpo_margin``, the mean of the sigmoid's
+    argument. ``ptx`` adds the pretraining mix to the step."""
     latents = torch.cat([ro.latents for ro in rollouts])  # [B_local, C, H, W]
     draws = len(window)
     winners, losers, w = dpo_pairs(adv, group_size, tr.raft_keep, ok)  # [R], [R], [R]
