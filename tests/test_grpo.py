@@ -177,6 +177,7 @@ def test_resume_is_exact(tmp_path):
         ("train.objective=dpo sampling.cfg_mode=both", "conditional velocity"),
         ("train.objective=dpo train.group_size=3 train.raft_keep=2", "group_size / 2"),
         ("train.objective=dpo train.dpo_beta=0", "dpo_beta"),
+        ("train.objective=raft train.updates_per_iter=2", "updates_per_iter"),
         ("train.ptx_coef=-1", "ptx_coef"),
         ("train.ptx_batch=0", "ptx_batch"),
     ],
@@ -321,11 +322,19 @@ def test_dpo_starts_at_log_two_and_learns_only_what_tells_a_pair_apart():
     assert _dpo_loss_and_grad(same, adv)[1] < 1e-4 * grad  # zero up to the batched forward's rounding
 
 
-def test_dpo_counts_its_network_evaluations(tmp_path):
-    cfg = recipe(tmp_path / "d", "train.iterations=1", "train.objective=dpo")
-    first = rows(cfg)[0]
-    assert first["nfe"] == nfe_per_iteration(cfg) == 4 * 3 * 2 + 2 * 1 * 2 * 8  # rollouts + 2 pairs x 2 draws
+def test_dpo_counts_its_network_evaluations_and_repeats_its_update(tmp_path):
+    """U = updates_per_iter AdamW steps on one iteration's pairs: U times the training evaluations, and
+    weights that move on from the one-step run's."""
+    one = recipe(tmp_path / "u1", "train.iterations=1", "train.objective=dpo")
+    two = recipe(tmp_path / "u2", "train.iterations=1", "train.objective=dpo", "train.updates_per_iter=2")
+    first, second = rows(one)[0], rows(two)[0]
+    assert first["nfe"] == nfe_per_iteration(one) == 4 * 3 * 2 + 2 * 1 * 2 * 8  # rollouts + 2 pairs x 2 draws
+    assert second["nfe"] == nfe_per_iteration(two) == 4 * 3 * 2 + 2 * (2 * 1 * 2 * 8)
     assert {"dpo_margin", "dpo_accuracy"} <= first.keys()
+    assert second["dpo_accuracy"] == first["dpo_accuracy"]  # the first step's, on the same rollouts
+    a = load_checkpoint(latest_checkpoint(tmp_path / "u1")).tensors["model"]
+    b = load_checkpoint(latest_checkpoint(tmp_path / "u2")).tensors["model"]
+    assert any(not torch.equal(t, b[n]) for n, t in a.items())
 
 
 def test_pretrain_mix_draws_by_iteration_and_counts_its_evaluations(tmp_path):

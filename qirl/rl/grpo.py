@@ -26,7 +26,8 @@ One iteration (design, "Data flow: GRPO iteration"):
    ratio leave 1 and the clip bind). A non-finite loss or gradient norm skips the step (weights and
    optimizer untouched). ``objective=raft`` replaces this step with reward-ranked fine-tuning on the
    same rollouts (`_raft_update`: flow matching on each group's best rows, an optional anchor), and
-   ``objective=dpo`` with online Diffusion-DPO on each group's best and worst rows (`_dpo_update`).
+   ``objective=dpo`` with online Diffusion-DPO on each group's best and worst rows (`_dpo_update`;
+   ``updates_per_iter`` AdamW steps on the same pairs).
    ``ptx_coef`` > 0 adds the pretraining flow-matching loss to every step (`qirl.rl.ptx`).
 5. Metrics per iteration (JSONL, and TensorBoard when installed); every ``eval.every`` iterations the
    oracle scores on held-out prompts (`qirl.rl.heldout`: deterministic ODE sampling, fixed noise, a
@@ -123,7 +124,7 @@ class GrpoTrain(TrainOptions):
     advantage: str = "per_reward"  # per_reward: sum_k w_k normalised R_k (report) | combined: normalise sum_k w_k R_k
     adv_clip: float = 5.0
     adv_eps: float = 1e-4
-    updates_per_iter: int = 1  # AdamW steps on each rollout batch (> 1: the ratio clip starts to bind)
+    updates_per_iter: int = 1  # AdamW steps on each rollout batch (grpo: > 1 lets the ratio clip bind; dpo; not raft)
     objective: str = "grpo"  # grpo: clipped surrogate | raft: flow matching on each group's best | dpo: best vs worst
     raft_keep: int = 1  # raft: rows kept per group (the highest advantages; without raft_require only A > 0); dpo: pairs
     raft_require: str = ""  # raft, dpo: a trained reward's name; only rows scoring >= raft_threshold on it are kept
@@ -198,6 +199,8 @@ def validate(recipe: GrpoRecipe, world_size: int = 1) -> None:
         raise UserError(f"train.raft_keep must be in [1, group_size), got {t.raft_keep}")
     if t.objective == "dpo" and 2 * t.raft_keep > t.group_size:
         raise UserError(f"train.raft_keep must be <= group_size / 2 for dpo (pairs of best and worst), got {t.raft_keep}")
+    if t.objective == "raft" and t.updates_per_iter > 1:
+        raise UserError(f"train.updates_per_iter must be 1 for raft (one update per iteration), got {t.updates_per_iter}")
     if t.objective == "dpo" and s.cfg_mode == "both":
         raise UserError("train.objective=dpo trains the conditional velocity: use sampling.cfg_mode hybrid or none")
     if t.ptx_coef < 0 or t.ptx_batch < 1:
@@ -233,11 +236,11 @@ def nfe_per_iteration(recipe: GrpoRecipe) -> int:
     (the reference's no-grad forward; the KL reuses the surrogate's own forward) else 0, plus g = 2 per
     trained step in `both` mode (guided objective: 2 rows). RAFT trains P keep rows W times, once, and
     with the anchor as many unkept rows (a reference forward and a training forward + backward):
-    ``B N r + P keep W (3 g + 4 q)``; DPO trains P keep pairs W times, each a reference forward and a
-    training forward + backward on both rows: ``B N r + 8 P keep W``. The pretraining mix adds a
-    training forward + backward on its batch: ``3 ptx_batch``."""
+    ``B N r + P keep W (3 g + 4 q)``; DPO trains P keep pairs W times in each of U updates, each a
+    reference forward and a training forward + backward on both rows: ``B N r + 8 U P keep W``. The
+    pretraining mix adds a training forward + backward on its batch: ``3 ptx_batch`` per update."""
     s, t = recipe.sampling, recipe.train
-    steps = t.updates_per_iter if t.objective == "grpo" else 1
+    steps = t.updates_per_iter if t.objective in ("grpo", "dpo") else 1
     return _nfe_objective(s, t) + (3 * t.ptx_batch * steps if t.ptx_coef > 0 else 0)
 
 
@@ -248,8 +251,8 @@ def _nfe_objective(s: GrpoSampling, t: GrpoTrain) -> int:
     q = 1 if t.kl_coef > 0 else 0
     if t.objective == "raft":  # one update, window_size flow-matching draws on P keep rows (+ anchor rows)
         return b * s.num_steps * r + t.prompts_per_iter * t.raft_keep * s.window_size * (3 * g + 4 * q)
-    if t.objective == "dpo":  # one update, window_size draws on P keep pairs: 2 rows trained, 2 reference rows
-        return b * s.num_steps * r + t.prompts_per_iter * t.raft_keep * s.window_size * 8
+    if t.objective == "dpo":  # U updates, window_size draws on P keep pairs: 2 rows trained, 2 reference rows
+        return b * s.num_steps * r + t.updates_per_iter * t.prompts_per_iter * t.raft_keep * s.window_size * 8
     return b * (s.num_steps * r + t.updates_per_iter * s.window_size * (3 * g + q))
 
 
@@ -406,10 +409,17 @@ def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
                 )
                 kls.append(kl_total)
             else:
-                loss_total, extra = _dpo_update(
-                    view, state, iteration, tr, group.rollouts, cond, adv, ok, G, window, gen,
-                    _Reference(policy, ref, 0.0), ptx,
-                )
+                # updates_per_iter > 1: more AdamW steps on the same pairs, each at fresh (t, eps)
+                # draws. The logged accuracy and margin are the first step's: how the policy ranked
+                # pairs it had not been trained on.
+                loss_total = 0.0
+                for _epoch in range(tr.updates_per_iter):
+                    loss_epoch, extra_epoch = _dpo_update(
+                        view, state, iteration, tr, group.rollouts, cond, adv, ok, G, window, gen,
+                        _Reference(policy, ref, 0.0), ptx,
+                    )
+                    loss_total += loss_epoch / tr.updates_per_iter
+                    extra = extra or extra_epoch
             ratios.append(torch.ones(1))  # no importance ratio in RAFT or DPO: logged as 1
         else:
             passes = [(k, n) for k in range(len(chunks)) for n in window]
