@@ -412,14 +412,15 @@ def grpo(recipe: GrpoRecipe, resume: bool = False) -> Iterator[dict[str, Any]]:
                 # updates_per_iter > 1: more AdamW steps on the same pairs, each at fresh (t, eps)
                 # draws. The logged accuracy and margin are the first step's: how the policy ranked
                 # pairs it had not been trained on.
-                loss_total = 0.0
-                for _epoch in range(tr.updates_per_iter):
-                    loss_epoch, extra_epoch = _dpo_update(
-                        view, state, iteration, tr, group.rollouts, cond, adv, ok, G, window, gen,
-                        _Reference(policy, ref, 0.0), ptx,
+                reference = _Reference(policy, ref, 0.0)
+                steps = [
+                    _dpo_update(
+                        view, state, iteration, tr, group.rollouts, cond, adv, ok, G, window, gen, reference, ptx
                     )
-                    loss_total += loss_epoch / tr.updates_per_iter
-                    extra = extra or extra_epoch
+                    for _epoch in range(tr.updates_per_iter)
+                ]  # [(loss, metrics)] per AdamW step
+                loss_total = sum(loss for loss, _ in steps) / len(steps)
+                extra = steps[0][1]
             ratios.append(torch.ones(1))  # no importance ratio in RAFT or DPO: logged as 1
         else:
             passes = [(k, n) for k in range(len(chunks)) for n in window]
